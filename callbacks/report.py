@@ -1,0 +1,99 @@
+"""``RunReport``: writes ``summary.json`` (method, model, protocol, metrics, timing) into the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+class RunReport(Callback):
+    """Collects per-step timings and every evaluation, and writes them to ``<default_root_dir>/summary.json``.
+
+    The summary records the protocol next to the numbers (edits per step, edits applied, when evaluation ran and
+    with which metric family), so results from different runs can be compared honestly.
+
+    Args:
+        filename: name of the summary file inside ``trainer.default_root_dir``.
+    """
+
+    def __init__(self, filename: str = "summary.json") -> None:
+        self.filename = filename
+        self.step_times: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, Any]] = []
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_times.append(dict(pl_module.method.timings))
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {
+            key.removeprefix("val/"): float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/")
+        }
+        self.evaluations.append({"edits": int(pl_module.edits_done), "metrics": metrics,
+                                 "seconds": pl_module.last_eval_seconds})
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.write(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.training and not trainer.sanity_checking:
+            self.write(trainer, pl_module)
+
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        data = trainer.datamodule
+        steps = len(self.step_times)
+        split = {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in ("targets", "keys", "solve")} if steps else {}
+        val_interval = trainer.val_check_interval
+        return {
+            "method": type(pl_module.method).__name__,
+            "model": pl_module.model_name,
+            "protocol": {
+                "data": data.path or "built-in",
+                "stream_id": data.stream_id,
+                "edits_per_step": data.edits_per_step,
+                "total_edits": int(pl_module.edits_done),
+                "edit_steps": steps,
+                "metric_family": data.metric_family,
+                "evaluation": "after the last edit" if val_interval == 1.0 else f"every {val_interval} steps and at the end",
+            },
+            "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
+            "history": self.evaluations,
+            "timing": {
+                "seconds_per_step": sum(split.values()) if split else None,
+                "split": split,
+                "evaluation_seconds": self.evaluations[-1]["seconds"] if self.evaluations else None,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            },
+        }
+
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.summary(trainer, pl_module), indent=2))
+        log.info("Wrote %s", path)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_times": self.step_times, "evaluations": self.evaluations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_times = state_dict.get("step_times", [])
+        self.evaluations = state_dict.get("evaluations", [])

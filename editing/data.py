@@ -1,0 +1,116 @@
+"""The edit stream as a LightningDataModule: requests in a fixed, seeded order, ``edits_per_step`` per training batch.
+
+Training batches are lists of ``(stream_index, EditRequest)``; validation batches cover the whole stream, and the
+module scores only the requests edited so far (all of them before the first edit, for the unedited baseline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from editing.requests import EditRequest, builtin_requests, detect_format, read_requests
+
+IndexedRequest = tuple[int, EditRequest]
+
+
+def _as_batch(items: list[IndexedRequest]) -> list[IndexedRequest]:
+    return items
+
+
+class EditDataModule(LightningDataModule):
+    """Edit requests from a file (or the built-in set) as a sequential stream.
+
+    Args:
+        path: request file; ``None`` uses the project's built-in counterfactual set (no files needed).
+        format: layout of ``path``: ``auto`` (by suffix and keys), ``counterfact``, ``zsre``, ``easyedit`` or ``jsonl``.
+        limit: use only the first ``limit`` records of the file.
+        edits_per_step: requests edited together in one step (one Lightning training step).
+        shuffle: stream the requests in a seeded random order instead of file order.
+        seed: seed of that order.
+        eval_batch_size: requests per validation batch.
+        metric_family: ``counterfact`` (probability comparisons against ``target_true``), ``token`` (teacher-forced
+            token accuracy, ZsRE), or ``auto`` (``token`` for ZsRE files, ``counterfact`` when every request has
+            ``target_true``, else ``token``).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        format: Literal["auto", "counterfact", "zsre", "easyedit", "jsonl"] = "auto",
+        limit: int | None = None,
+        edits_per_step: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        eval_batch_size: int = 16,
+        metric_family: Literal["auto", "counterfact", "token"] = "auto",
+    ) -> None:
+        super().__init__()
+        if edits_per_step < 1:
+            raise ValueError(f"data.edits_per_step: must be >= 1, got {edits_per_step}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"data.limit: must be >= 1, got {limit}")
+        self.path = path
+        self.format = format
+        self.limit = limit
+        self.edits_per_step = edits_per_step
+        self.shuffle = shuffle
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.requested_family = metric_family
+        self.requests: list[EditRequest] = []
+        self.metric_family = "counterfact"  # resolved in setup
+
+    def setup(self, stage: str) -> None:
+        if self.requests:
+            return
+        if self.path is None:
+            requests = builtin_requests(self.limit)
+        else:
+            requests = read_requests(self.path, self.format, self.limit)
+        if not requests:
+            raise ValueError(f"data.path: '{self.path}' holds no edit requests")
+        if self.shuffle:
+            order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            requests = [requests[i] for i in order]
+        self.requests = requests
+        self.metric_family = self._resolve_family()
+
+    def _resolve_family(self) -> str:
+        if self.requested_family != "auto":
+            return self.requested_family
+        if self.path is not None and (self.format if self.format != "auto" else detect_format(self.path)) == "zsre":
+            return "token"
+        return "counterfact" if all(r.target_true for r in self.requests) else "token"
+
+    @property
+    def stream_id(self) -> str:
+        """Fingerprint of the ordered stream (case ids and targets), recorded with every result and checkpoint."""
+        digest = hashlib.sha256("\n".join(f"{r.case_id}\t{r.target_new}" for r in self.requests).encode())
+        return digest.hexdigest()[:16]
+
+    def _loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(list(enumerate(self.requests)), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.edits_per_step)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"stream_id": self.stream_id, "edits_per_step": self.edits_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stream_id") not in (None, self.stream_id):
+            raise ValueError(
+                f"data: the checkpoint was made on another edit stream ({state['stream_id']} != {self.stream_id}); "
+                "resume with the same data.path, format, limit, shuffle and seed"
+            )

@@ -1,0 +1,8 @@
+"""Editing methods: one file per method on the shared base."""
+
+from editing.methods.alphaedit import AlphaEdit
+from editing.methods.base import EditMethod, LocateThenEdit
+from editing.methods.lyaplock import LyapLock
+from editing.methods.memit import MEMIT
+
+__all__ = ["AlphaEdit", "EditMethod", "LocateThenEdit", "LyapLock", "MEMIT"]

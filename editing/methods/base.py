@@ -1,0 +1,210 @@
+"""The method interface and the locate-then-edit base shared by MEMIT, AlphaEdit and LyapLock.
+
+A method is an ``nn.Module``: its state (original weights, statistics handles, queues, replay sums) is buffers, so it
+moves with ``.to()`` and is checkpointed with the :class:`~editing.module.EditingModule`. One edit step is two calls:
+``prepare(requests)`` in ``training_step`` (targets: the costly gradient part) and ``apply(requests, plan)`` from the
+optimizer's ``step`` (the closed-form update).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.corpus import load_corpus
+from editing.locate import (
+    TargetResult,
+    compute_keys,
+    compute_targets,
+    generate_context_templates,
+    layer_output_at_subject,
+    spread_residual,
+)
+from editing.models import EditedWeight, default_mlp_layers
+from editing.requests import EditRequest
+from editing.stats import load_or_collect_second_moments
+
+log = logging.getLogger(__name__)
+
+
+class EditMethod(nn.Module, ABC):
+    """A sequential editing method. Subclasses edit ``model`` in place, one batch of requests per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timings: dict[str, float] = {}
+
+    @abstractmethod
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
+        """Bind to the model (called once from ``configure_model``, before any checkpoint is restored)."""
+
+    @abstractmethod
+    def prepare(self, requests: Sequence[EditRequest]) -> object:
+        """The gradient-based part of a step (targets); its result is handed to :meth:`apply`."""
+
+    @abstractmethod
+    def apply(self, requests: Sequence[EditRequest], plan: object) -> None:
+        """The weight update of a step."""
+
+    def edited_weights(self) -> dict[str, EditedWeight]:
+        """Weights this method changes, by module name (for monitors, PRUNE and checkpoints)."""
+        return {}
+
+    def step_log(self) -> dict[str, float]:
+        """Values worth logging after a step (beyond ``timings``), keyed ``stage/name``."""
+        return {}
+
+
+class LocateThenEdit(EditMethod):
+    """Targets ``z`` at the last edited layer, then a per-layer closed-form solve with residual spreading.
+
+    Subclasses implement :meth:`solve` (one layer's ``Delta``) and may override :meth:`after_layer_update`.
+
+    Args:
+        layers: edited blocks (MLP output projections), ascending; ``None`` picks five early-middle blocks.
+        mom2_weight: lambda, weight of the preserved-knowledge statistic C0 in the solve.
+        target_lr: Adam learning rate of the target shift (MEMIT: 0.5).
+        target_steps: maximum optimisation steps per target (MEMIT: 20-25).
+        kl_factor: weight of the KL term on ``"{subject} is a"`` (MEMIT: 0.0625).
+        weight_decay: weight of ``||delta|| / ||h0||^2`` (MEMIT: 0.5).
+        clamp_norm_factor: ``||delta|| <= clamp_norm_factor * ||h0||`` (MEMIT: 0.75).
+        stop_prob: a target stops once it is the argmax everywhere with this geometric-mean probability.
+        context_seeds: seed words of the generated context templates (MEMIT: The, Therefore, Because, I, You).
+        context_length: tokens per generated context prefix (MEMIT: 10).
+        stats_corpus: ``"model"`` (text sampled from the model itself, offline), a ``.txt``/``.jsonl`` file, or
+            ``"hf:NAME[:CONFIG]"`` for a Hugging Face dataset available locally.
+        stats_tokens: corpus tokens for C0 (MEMIT uses 100k Wikipedia samples; fewer is enough for small models).
+        seed: seed of the context templates and of the model-sampled corpus.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        mom2_weight: float = 15000.0,
+        target_lr: float = 0.5,
+        target_steps: int = 25,
+        kl_factor: float = 0.0625,
+        weight_decay: float = 0.5,
+        clamp_norm_factor: float = 0.75,
+        stop_prob: float = 0.95,
+        context_seeds: list[str] | None = None,
+        context_length: int = 10,
+        stats_corpus: str = "model",
+        stats_tokens: int = 20_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if layers is not None and (not layers or sorted(set(layers)) != list(layers)):
+            raise ValueError(f"layers: expected a non-empty ascending list of distinct block indices, got {layers}")
+        if mom2_weight <= 0:
+            raise ValueError(f"mom2_weight: must be positive, got {mom2_weight}")
+        if target_steps < 1:
+            raise ValueError(f"target_steps: must be >= 1, got {target_steps}")
+        if stats_tokens < 1:
+            raise ValueError(f"stats_tokens: must be >= 1, got {stats_tokens}")
+        self.layers = layers
+        self.mom2_weight = mom2_weight
+        self.target_kwargs = dict(
+            lr=target_lr,
+            steps=target_steps,
+            kl_factor=kl_factor,
+            weight_decay=weight_decay,
+            clamp_norm_factor=clamp_norm_factor,
+            stop_prob=stop_prob,
+        )
+        self.context_seeds = context_seeds if context_seeds is not None else ["The", "Therefore", "Because", "I", "You"]
+        self.context_length = context_length
+        self.stats_corpus = stats_corpus
+        self.stats_tokens = stats_tokens
+        self.seed = seed
+        self.templates: list[str] = []
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._weights: dict[str, EditedWeight] = {}
+        self._last_targets: TargetResult | None = None
+
+    # -- binding -----------------------------------------------------------------------------------------------
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
+        self._model, self._tokenizer = model, tokenizer
+        self.layers = self.layers if self.layers is not None else default_mlp_layers(model)
+        self._weights = {w.name: w for w in (EditedWeight(model, layer) for layer in self.layers)}
+        for i, w in enumerate(self._weights.values()):
+            self.register_buffer(f"w0_{i}", w.get().detach().clone(), persistent=False)
+        self.templates = generate_context_templates(model, tokenizer, self.context_seeds, self.context_length, self.seed)
+        texts, corpus_id = load_corpus(self.stats_corpus, model, tokenizer, self.stats_tokens, self.seed, cache_dir)
+        c0 = load_or_collect_second_moments(
+            model, tokenizer, texts, list(self._weights), model_id, corpus_id, self.stats_tokens, cache_dir
+        )
+        for i, name in enumerate(self._weights):
+            self.register_buffer(f"c0_{i}", c0[name], persistent=False)
+        self.setup_state()
+
+    def setup_state(self) -> None:
+        """Allocate method state with its final shapes (runs before a checkpoint is restored into it)."""
+
+    def edited_weights(self) -> dict[str, EditedWeight]:
+        return self._weights
+
+    def c0(self, i: int) -> torch.Tensor:
+        return getattr(self, f"c0_{i}")
+
+    def w0(self, i: int) -> torch.Tensor:
+        return getattr(self, f"w0_{i}")
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[EditRequest]) -> TargetResult:
+        start = time.perf_counter()
+        with torch.enable_grad():
+            result = compute_targets(
+                self._model, self._tokenizer, requests, self.layers[-1], self.templates, **self.target_kwargs
+            )
+        self.timings = {"targets": time.perf_counter() - start, "keys": 0.0, "solve": 0.0}
+        self._last_targets = result
+        return result
+
+    def step_log(self) -> dict[str, float]:
+        result = self._last_targets
+        return {
+            "train/target_prob": sum(result.prob) / len(result.prob),
+            "train/target_steps": sum(result.steps) / len(result.steps),
+        }
+
+    @torch.no_grad()
+    def apply(self, requests: Sequence[EditRequest], plan: TargetResult) -> None:
+        z = plan.z.double()
+        n = len(self.layers)
+        for i, (name, weight) in enumerate(self._weights.items()):
+            start = time.perf_counter()
+            keys = compute_keys(self._model, self._tokenizer, requests, name, self.templates).double()  # (d_k, n)
+            h = layer_output_at_subject(self._model, self._tokenizer, requests, self.layers[-1]).double()  # (d, n)
+            resid = spread_residual(z, h, i, n)  # (d_v, n)
+            mid = time.perf_counter()
+            delta = self.solve(i, weight.get().double(), keys, resid)
+            weight.add(delta)
+            self.after_layer_update(i, weight.get().double(), keys)
+            self.timings["keys"] += mid - start
+            self.timings["solve"] += time.perf_counter() - mid
+        self.after_step()
+
+    @abstractmethod
+    def solve(self, i: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``Delta: (d_v, d_k)`` for edited layer ``i`` given its current weight ``W``, keys ``K: (d_k, n)`` and
+        residuals ``R: (d_v, n)``, all float64."""
+
+    def after_layer_update(self, i: int, W: torch.Tensor, K: torch.Tensor) -> None:
+        """Bookkeeping once layer ``i`` holds its new weight ``W`` (float64)."""
+
+    def after_step(self) -> None:
+        """Bookkeeping once every layer of the step is updated."""
+
+
+def solve_right(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``B A^-1`` for a square ``A`` without forming the inverse (``A^T X^T = B^T``), in float64."""
+    return torch.linalg.solve(A.T, B.T).T

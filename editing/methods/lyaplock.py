@@ -1,0 +1,95 @@
+"""LyapLock (arXiv 2505.15702): bounded knowledge preservation for sequential editing via a Lyapunov virtual queue.
+
+Sequential editing is a constrained stochastic program: minimise the long-run editing loss subject to the long-run
+preservation loss ``D(W) = tr[(W - W0) C0 (W - W0)^T] <= alpha * D_base``. Drift-plus-penalty turns it into one weighted
+least-squares problem per step, whose weight on preservation is the virtual queue ``Q``: it grows while ``D`` runs above
+the budget and falls back to 1 when below. All earlier edits are replayed through the sums ``Svk = sum V_p K_p^T`` and
+``Skk = sum K_p K_p^T`` (DESIGN.md section 5).
+
+Per layer, step 1: ``Delta = [R K^T + lambda (W0 - W) C0] [K K^T + lambda C0]^-1``, then ``D_base = D(W)``.
+Step t >= 2: ``A = V K K^T + lambda Q C0 + V Skk``, ``B = V R K^T + lambda Q (W0 - W) C0 + V (Svk - W Skk)``,
+``Delta = B A^-1``. After each step: ``Q <- max(Q + D(W) / (alpha D_base) - 1, 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editing.methods.base import LocateThenEdit, solve_right
+
+
+def preservation_loss(W: torch.Tensor, W0: torch.Tensor, C0: torch.Tensor) -> torch.Tensor:
+    """``D(W) = tr[(W - W0) C0 (W - W0)^T]`` in the difference form (no cancellation between large terms)."""
+    diff = W - W0
+    return ((diff @ C0) * diff).sum()
+
+
+def next_queue(Q: torch.Tensor, D: torch.Tensor, alpha: float, D_base: torch.Tensor) -> torch.Tensor:
+    """Normalised virtual-queue recursion ``max(Q + D / (alpha D_base) - 1, 1)`` (DESIGN.md section 5)."""
+    return torch.clamp(Q + D / (alpha * D_base) - 1, min=1.0)
+
+
+class LyapLock(LocateThenEdit):
+    """LyapLock on the shared toolkit.
+
+    Args:
+        alpha: preservation budget as a multiple of ``D_base`` (release: 60).
+        V: weight of the editing loss (current and replayed edits) against the queue-weighted preservation (release: 1).
+        mom2_weight: lambda (release: 1000).
+        **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
+    """
+
+    def __init__(self, *args, alpha: float = 60.0, V: float = 1.0, mom2_weight: float = 1000.0, **kwargs) -> None:
+        super().__init__(*args, mom2_weight=mom2_weight, **kwargs)
+        if alpha <= 0:
+            raise ValueError(f"alpha: must be positive, got {alpha}")
+        if V <= 0:
+            raise ValueError(f"V: must be positive, got {V}")
+        self.alpha = alpha
+        self.V = V
+        self._budget_ratio: dict[int, float] = {}  # D(W) / (alpha D_base) after the last step, per edited layer
+
+    def setup_state(self) -> None:
+        for i, w in enumerate(self.edited_weights().values()):
+            d_v, d_k = w.get().shape
+            dev = w.parameter.device
+            self.register_buffer(f"queue_{i}", torch.ones((), dtype=torch.float64, device=dev))
+            self.register_buffer(f"d_base_{i}", torch.zeros((), dtype=torch.float64, device=dev))
+            self.register_buffer(f"svk_{i}", torch.zeros(d_v, d_k, dtype=torch.float64, device=dev))
+            self.register_buffer(f"skk_{i}", torch.zeros(d_k, d_k, dtype=torch.float64, device=dev))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    def state(self, i: int, name: str) -> torch.Tensor:
+        """Per-layer state tensor ``name`` in {queue, d_base, svk, skk} of edited layer ``i``."""
+        return getattr(self, f"{name}_{i}")
+
+    def solve(self, i: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        C0, W0, lam = self.c0(i), self.w0(i).double(), self.mom2_weight
+        anchor = (W0 - W) @ C0
+        if self.steps_done == 0:
+            return solve_right(R @ K.T + lam * anchor, K @ K.T + lam * C0)
+        Q, V = self.state(i, "queue"), self.V
+        skk, svk = self.state(i, "skk"), self.state(i, "svk")
+        A = V * (K @ K.T) + lam * Q * C0 + V * skk
+        B = V * (R @ K.T) + lam * Q * anchor + V * (svk - W @ skk)
+        return solve_right(B, A)
+
+    def after_layer_update(self, i: int, W: torch.Tensor, K: torch.Tensor) -> None:
+        self.state(i, "svk").add_((W @ K) @ K.T)  # V_p = W_new K_p, recorded right after this step's update
+        self.state(i, "skk").add_(K @ K.T)
+        D = preservation_loss(W, self.w0(i).double(), self.c0(i))
+        if self.steps_done == 0:
+            self.state(i, "d_base").copy_(D.clamp(min=torch.finfo(torch.float64).tiny))
+        self._budget_ratio[i] = float(D / (self.alpha * self.state(i, "d_base")))
+        queue = self.state(i, "queue")
+        queue.copy_(next_queue(queue, D, self.alpha, self.state(i, "d_base")))
+
+    def after_step(self) -> None:
+        self.steps_done += 1
+
+    def step_log(self) -> dict[str, float]:
+        values = super().step_log()
+        for i, layer in enumerate(self.layers):
+            values[f"lyaplock/layer_{layer:02d}/queue"] = float(self.state(i, "queue"))
+            values[f"lyaplock/layer_{layer:02d}/budget_ratio"] = self._budget_ratio.get(i, 0.0)
+        return values

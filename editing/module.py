@@ -1,0 +1,164 @@
+"""``EditingModule``: the LightningModule that applies a stream of edits, one batch per training step.
+
+``training_step`` computes the method's targets (the gradient part); the update is the optimizer's ``step`` (the
+closed-form solve for locate-then-edit methods), so Lightning counts one optimizer step per edit batch and
+``max_steps``, ``val_check_interval`` and checkpoint intervals count edit steps. ``validation_step`` scores the
+requests edited so far (all of them before the first edit: the unedited baseline).
+
+Checkpoints hold only the edited weights, the method state and the locality reference, not the frozen model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.cache import default_cache_dir
+from editing.data import IndexedRequest
+from editing.methods.base import EditMethod
+from editing.metrics import HitRate, locality_predictions, score_requests
+from editing.models import EMBEDDED_MODEL, load_model
+from editing.requests import EditRequest
+
+SCORES = ("efficacy", "generalization", "specificity", "locality")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ClosedFormStep(torch.optim.Optimizer):
+    """An optimizer whose ``step`` applies the method's update to the requests prepared by the closure."""
+
+    def __init__(self, params: list[nn.Parameter], method: EditMethod) -> None:
+        super().__init__(params, {})
+        self.method = method
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], tuple[list[EditRequest], object]]) -> None:  # type: ignore[override]
+        requests, plan = closure()
+        self.method.apply(requests, plan)
+
+
+class EditingModule(LightningModule):
+    """A language model under sequential editing by one method.
+
+    Args:
+        method: the editing method (``class_path`` in the config: ``editing.methods.LyapLock``, ``MEMIT``, ...).
+        model_name: ``SmolLM2-135M-Instruct`` (embedded, offline), a local directory or a Hugging Face id.
+        dtype: parameter dtype of the language model (solves always run in float64).
+        cache_dir: converted models and C0 statistics (default ``$EDITING_CACHE`` or ``~/.cache/lifelong-editing``).
+        step_metrics: after every edit step, score the step's own requests and log them as ``train/*``.
+    """
+
+    def __init__(
+        self,
+        method: EditMethod,
+        model_name: str = EMBEDDED_MODEL,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        cache_dir: str | None = None,
+        step_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["method"])
+        self.method = method
+        self.model_name = model_name
+        self.dtype_name = dtype
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.step_metrics = step_metrics
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.register_buffer("edits_done", torch.zeros((), dtype=torch.long))
+        self.locality_reference: dict[str, list[list[int]]] = {}
+        self.val_scores = nn.ModuleDict({name: HitRate() for name in SCORES})
+        self.last_eval_seconds = 0.0
+        self._eval_started = 0.0
+
+    # -- model -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
+        self.model.to(self.device)
+        self.method.setup(self.model, self.tokenizer, self.model_name, self.cache_dir)
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        """The edited language model (``input_ids``, ``attention_mask``, ... as for Hugging Face models)."""
+        return self.model(**inputs)
+
+    def transfer_batch_to_device(self, batch: list[IndexedRequest], device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # requests are text; tensors are made on the model's device when they are encoded
+
+    # -- training: one edit batch per step ---------------------------------------------------------------------
+    def training_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
+        requests = [r for _, r in batch]
+        self.optimizers().step(closure=lambda: (requests, self.method.prepare(requests)))
+        self.edits_done += len(requests)
+        values = {f"time/{k}": v for k, v in self.method.timings.items()}
+        values.update(self.method.step_log())
+        values["edits/total"] = float(self.edits_done)
+        if self.step_metrics:
+            start = time.perf_counter()
+            for name, hits in self._score(requests).items():
+                values[f"train/{name}"] = hits.float().mean().item()
+            values["time/step_metrics"] = time.perf_counter() - start
+        self.log_dict(values, batch_size=len(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return ClosedFormStep([w.parameter for w in self.method.edited_weights().values()], self.method)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._ensure_reference()
+
+    def on_validation_start(self) -> None:
+        self._ensure_reference()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_started = time.perf_counter()
+
+    def validation_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
+        done = int(self.edits_done)
+        requests = [r for i, r in batch if done == 0 or i < done]
+        if not requests:
+            return
+        for name, hits in self._score(requests).items():
+            if hits.numel():
+                self.val_scores[name].update(hits)
+                self.log(f"val/{name}", self.val_scores[name], batch_size=len(requests))
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_eval_seconds = time.perf_counter() - self._eval_started
+        self.log_dict({"time/evaluation": self.last_eval_seconds, "edits/total": float(self.edits_done)})
+
+    def _score(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        family = self.trainer.datamodule.metric_family
+        return score_requests(self.model, self.tokenizer, requests, family, self.locality_reference)
+
+    def _ensure_reference(self) -> None:
+        """Cache the unedited model's locality predictions before the first edit (restored from checkpoints)."""
+        requests = self.trainer.datamodule.requests
+        missing = [r for r in requests if r.case_id not in self.locality_reference]
+        if not missing:
+            return
+        if int(self.edits_done) > 0:
+            raise ValueError("locality: the checkpoint has no unedited reference predictions for this stream")
+        self.locality_reference.update(locality_predictions(self.model, self.tokenizer, missing))
+
+    # -- checkpoints: edited weights + method state only ---------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        edited = {f"model.{name}.weight" for name in self.method.edited_weights()}
+        return {k: v for k, v in full.items() if k in edited or not k.startswith("model.")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["locality_reference"] = self.locality_reference
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.locality_reference = checkpoint.get("locality_reference", {})

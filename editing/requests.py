@@ -1,0 +1,745 @@
+"""Edit requests and the readers that load them from every supported dataset layout.
+
+Knowledge-editing datasets come in several layouts: ROME's CounterFact records, MEND's zsRE records,
+EasyEdit's flattened records and this project's canonical JSON Lines. Editing methods, metrics and callbacks
+should not care which layout a run started from, so every reader converts its layout into one frozen,
+validated record type, :class:`EditRequest`, with the subject position marked by a ``"{}"`` template.
+
+Each reader validates every record it returns before returning anything. A malformed record fails with a
+:class:`RequestError` that names the file, the record (0-based index, the line for JSON Lines, the case id
+where known) and the offending field, instead of surfacing later as a ``KeyError`` deep inside a training
+loop or, worse, as an edit that silently targets the wrong text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+FORMATS = ("counterfact", "zsre", "easyedit", "jsonl")
+
+_PLACEHOLDER = "{}"
+_BUILTIN_FILE = Path(__file__).parent / "builtin" / "counterfact_builtin.jsonl"
+# Checked in order: bool before int, since bool is a subclass of int.
+_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"),
+    (bool, "boolean"),
+    (int, "number"),
+    (float, "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+)
+
+
+class RequestError(ValueError):
+    """An edit request, or the file holding it, is invalid.
+
+    The message names the file, the record (0-based index, plus the line number for JSON Lines and the case
+    id where known) and the field, e.g.
+    ``"counterfact.json: record 12 (case_id 3648): field 'requested_rewrite.target_new.str' is empty"``.
+    Errors raised directly by :class:`EditRequest` or :class:`LocalityProbe` name only the field.
+    """
+
+
+def _json_type(value: object) -> str:
+    """Returns the JSON name of a value's type, for error messages.
+
+    Args:
+        value: Any decoded JSON value (or Python object passed to a dataclass).
+
+    Returns:
+        ``"null"``, ``"boolean"``, ``"number"``, ``"string"``, ``"array"``, ``"object"`` or the Python type name.
+    """
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
+
+
+def _text_problem(value: object, field: str) -> str | None:
+    """Checks that a value is a string that is not blank.
+
+    Args:
+        value: The value to check.
+        field: Field name used in the message.
+
+    Returns:
+        A message describing the problem, or None when the value is a non-blank string.
+    """
+    if not isinstance(value, str):
+        return f"field '{field}' must be a string, got {_json_type(value)}"
+    if not value.strip():
+        return f"field '{field}' is empty"
+    return None
+
+
+def _texts_tuple(value: object, field: str) -> tuple[str, ...]:
+    """Validates a sequence of non-blank strings and returns it as a tuple.
+
+    Args:
+        value: A list or tuple of strings.
+        field: Field name used in error messages.
+
+    Returns:
+        The strings as a tuple.
+
+    Raises:
+        RequestError: If the value is not a list/tuple or an item is not a non-blank string.
+    """
+    if not isinstance(value, list | tuple):
+        raise RequestError(f"field '{field}' must be a sequence of strings, got {_json_type(value)}")
+    for i, item in enumerate(value):
+        problem = _text_problem(item, f"{field}[{i}]")
+        if problem:
+            raise RequestError(problem)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class LocalityProbe:
+    """A prompt whose continuation must not change when an edit is applied.
+
+    Attributes:
+        prompt: Plain prompt text (no subject placeholder).
+        answer: Expected continuation; tokenized later with a leading space.
+    """
+
+    prompt: str
+    answer: str
+
+    def __post_init__(self) -> None:
+        """Validates that prompt and answer are non-blank strings.
+
+        Raises:
+            RequestError: Naming the invalid field.
+        """
+        for name in ("prompt", "answer"):
+            problem = _text_problem(getattr(self, name), name)
+            if problem:
+                raise RequestError(problem)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into a model, with the prompts used to evaluate the edit.
+
+    Sequence fields may be given as lists; they are stored as tuples so requests stay immutable and hashable.
+
+    Attributes:
+        case_id: Identifier of the request within its dataset, always a string.
+        prompt: Template containing exactly one ``"{}"`` where the subject goes.
+        subject: The entity whose fact is edited.
+        target_new: The new object the model should produce after the edit.
+        target_true: The original object, when known.
+        rephrase_prompts: Paraphrases of the filled prompt (generalization probes).
+        locality: Unrelated prompts whose answers must not change (specificity probes).
+        generation_prompts: Open-ended prompts for fluency/consistency evaluation.
+    """
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality: tuple[LocalityProbe, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Validates every field and normalizes sequences to tuples.
+
+        Raises:
+            RequestError: Naming the invalid field.
+        """
+        for name in ("case_id", "prompt", "subject", "target_new"):
+            problem = _text_problem(getattr(self, name), name)
+            if problem:
+                raise RequestError(problem)
+        if self.target_true is not None:
+            problem = _text_problem(self.target_true, "target_true")
+            if problem:
+                raise RequestError(problem)
+        count = self.prompt.count(_PLACEHOLDER)
+        if count != 1:
+            raise RequestError(f"field 'prompt' must contain '{_PLACEHOLDER}' exactly once, found {count}")
+        if not isinstance(self.locality, list | tuple):
+            raise RequestError(f"field 'locality' must be a sequence of LocalityProbe, got {_json_type(self.locality)}")
+        for i, probe in enumerate(self.locality):
+            if not isinstance(probe, LocalityProbe):
+                raise RequestError(f"field 'locality[{i}]' must be a LocalityProbe, got {_json_type(probe)}")
+        object.__setattr__(self, "locality", tuple(self.locality))
+        object.__setattr__(self, "rephrase_prompts", _texts_tuple(self.rephrase_prompts, "rephrase_prompts"))
+        object.__setattr__(self, "generation_prompts", _texts_tuple(self.generation_prompts, "generation_prompts"))
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in.
+
+        Uses ``str.replace`` rather than ``str.format`` because prompts may contain other braces.
+        """
+        return self.prompt.replace(_PLACEHOLDER, self.subject, 1)
+
+
+@dataclass
+class _Where:
+    """Location of the record being read, used to prefix error messages.
+
+    Attributes:
+        file: File name.
+        index: 0-based record index.
+        line: 1-based line number (JSON Lines only).
+        case_id: Case id, once it has been read.
+    """
+
+    file: str
+    index: int
+    line: int | None = None
+    case_id: str | None = None
+
+    def error(self, message: str) -> RequestError:
+        """Builds an error whose message starts with this location.
+
+        Args:
+            message: What is wrong with the record.
+
+        Returns:
+            The error, ready to raise.
+        """
+        details = [] if self.line is None else [f"line {self.line}"]
+        if self.case_id is not None:
+            details.append(f"case_id {self.case_id}")
+        suffix = f" ({', '.join(details)})" if details else ""
+        return RequestError(f"{self.file}: record {self.index}{suffix}: {message}")
+
+
+def _get(record: dict[str, Any], field: str, where: _Where, *, required: bool) -> Any:
+    """Looks up a possibly dotted field (``"requested_rewrite.target_new.str"``).
+
+    Args:
+        record: The decoded record.
+        field: Field name; dots descend into nested objects.
+        where: Location for error messages.
+        required: Whether a missing field is an error.
+
+    Returns:
+        The value, or None when an optional field is missing or null.
+
+    Raises:
+        RequestError: If a required field is missing or an intermediate value is not an object.
+    """
+    parts = field.split(".")
+    value: Any = record
+    for depth, key in enumerate(parts):
+        if not isinstance(value, dict):
+            parent = ".".join(parts[:depth])
+            raise where.error(f"field '{parent}' must be an object, got {_json_type(value)}")
+        if key not in value:
+            if required:
+                raise where.error(f"missing field '{'.'.join(parts[: depth + 1])}'")
+            return None
+        value = value[key]
+    return value
+
+
+def _checked(value: object, field: str, where: _Where) -> str:
+    """Returns the value if it is a non-blank string.
+
+    Args:
+        value: The value to check.
+        field: Field name for error messages.
+        where: Location for error messages.
+
+    Returns:
+        The value.
+
+    Raises:
+        RequestError: If the value is not a string or is blank.
+    """
+    problem = _text_problem(value, field)
+    if problem:
+        raise where.error(problem)
+    return cast(str, value)
+
+
+def _text(record: dict[str, Any], field: str, where: _Where) -> str:
+    """Reads a required non-blank string field.
+
+    Args:
+        record: The decoded record.
+        field: Field name (possibly dotted).
+        where: Location for error messages.
+
+    Returns:
+        The string.
+    """
+    return _checked(_get(record, field, where, required=True), field, where)
+
+
+def _optional_text(record: dict[str, Any], field: str, where: _Where) -> str | None:
+    """Reads an optional non-blank string field; missing or null gives None.
+
+    Args:
+        record: The decoded record.
+        field: Field name (possibly dotted).
+        where: Location for error messages.
+
+    Returns:
+        The string, or None.
+    """
+    value = _get(record, field, where, required=False)
+    return None if value is None else _checked(value, field, where)
+
+
+def _texts(record: dict[str, Any], field: str, where: _Where, *, single: bool = False) -> tuple[str, ...]:
+    """Reads an optional list-of-strings field; missing or null gives an empty tuple.
+
+    Args:
+        record: The decoded record.
+        field: Field name (possibly dotted).
+        where: Location for error messages.
+        single: Also accept a single string, read as a one-element list.
+
+    Returns:
+        The strings as a tuple.
+
+    Raises:
+        RequestError: If the value is not a list of non-blank strings.
+    """
+    value = _get(record, field, where, required=False)
+    if value is None:
+        return ()
+    if single and isinstance(value, str):
+        return (_checked(value, field, where),)
+    if not isinstance(value, list):
+        expected = "a string or a list of strings" if single else "a list of strings"
+        raise where.error(f"field '{field}' must be {expected}, got {_json_type(value)}")
+    return tuple(_checked(item, f"{field}[{i}]", where) for i, item in enumerate(value))
+
+
+def _case_id(record: dict[str, Any], where: _Where, default: int | None = None) -> str:
+    """Reads the case id as a string and records it in ``where``.
+
+    Args:
+        record: The decoded record.
+        where: Location for error messages; its ``case_id`` is set.
+        default: Value used when the record has no ``case_id``; None makes the field required.
+
+    Returns:
+        The case id as a string.
+
+    Raises:
+        RequestError: If the case id is missing (and required), not a string/integer, or blank.
+    """
+    value = _get(record, "case_id", where, required=default is None)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise where.error(f"field 'case_id' must be a string or an integer, got {_json_type(value)}")
+    case_id = _checked(str(value), "case_id", where)
+    where.case_id = case_id
+    return case_id
+
+
+def _template(record: dict[str, Any], field: str, where: _Where) -> str:
+    """Reads a prompt template that must contain the subject placeholder exactly once.
+
+    Args:
+        record: The decoded record.
+        field: Field name (possibly dotted).
+        where: Location for error messages.
+
+    Returns:
+        The template.
+    """
+    template = _text(record, field, where)
+    count = template.count(_PLACEHOLDER)
+    if count != 1:
+        raise where.error(f"field '{field}' must contain '{_PLACEHOLDER}' exactly once, found {count}")
+    return template
+
+
+def _to_template(filled: str, subject: str, field: str, where: _Where) -> str:
+    """Turns a filled prompt into a template by replacing the first occurrence of the subject.
+
+    Args:
+        filled: Prompt text containing the subject.
+        subject: The subject to replace with ``"{}"``.
+        field: Name of the field the prompt came from, for error messages.
+        where: Location for error messages.
+
+    Returns:
+        The template.
+
+    Raises:
+        RequestError: If the prompt already contains ``"{}"`` or does not contain the subject.
+    """
+    if _PLACEHOLDER in filled:
+        raise where.error(f"field '{field}' contains '{_PLACEHOLDER}', which is reserved for the subject")
+    if subject not in filled:
+        raise where.error(f"subject '{subject}' does not occur in field '{field}'")
+    return filled.replace(subject, _PLACEHOLDER, 1)
+
+
+def _build(where: _Where, **fields: Any) -> EditRequest:
+    """Constructs an EditRequest, prefixing any validation error with the record location.
+
+    Args:
+        where: Location for error messages.
+        **fields: EditRequest fields.
+
+    Returns:
+        The request.
+    """
+    try:
+        return EditRequest(**fields)
+    except RequestError as exc:
+        raise where.error(str(exc)) from None
+
+
+def _from_counterfact(record: dict[str, Any], where: _Where) -> EditRequest:
+    """Reads one record in ROME's CounterFact layout.
+
+    Args:
+        record: The decoded record.
+        where: Location for error messages.
+
+    Returns:
+        The request; neighborhood prompts become locality probes answered by the true target.
+    """
+    case_id = _case_id(record, where)
+    prompt = _template(record, "requested_rewrite.prompt", where)
+    subject = _text(record, "requested_rewrite.subject", where)
+    target_new = _text(record, "requested_rewrite.target_new.str", where)
+    target_true = _text(record, "requested_rewrite.target_true.str", where)
+    neighborhood = _texts(record, "neighborhood_prompts", where)
+    return _build(
+        where,
+        case_id=case_id,
+        prompt=prompt,
+        subject=subject,
+        target_new=target_new,
+        target_true=target_true,
+        rephrase_prompts=_texts(record, "paraphrase_prompts", where),
+        locality=tuple(LocalityProbe(p, target_true) for p in neighborhood),
+        generation_prompts=_texts(record, "generation_prompts", where),
+    )
+
+
+def _from_zsre(record: dict[str, Any], where: _Where) -> EditRequest:
+    """Reads one record in MEND's zsRE layout; the case id is the record index.
+
+    Args:
+        record: The decoded record.
+        where: Location for error messages.
+
+    Returns:
+        The request.
+    """
+    case_id = str(where.index)
+    where.case_id = case_id
+    subject = _text(record, "subject", where)
+    prompt = _to_template(_text(record, "src", where), subject, "src", where)
+    answers = _texts(record, "answers", where)
+    rephrase = _optional_text(record, "rephrase", where)
+    loc = _optional_text(record, "loc", where)
+    loc_ans = _optional_text(record, "loc_ans", where)
+    if (loc is None) != (loc_ans is None):
+        present, absent = ("loc", "loc_ans") if loc_ans is None else ("loc_ans", "loc")
+        raise where.error(f"missing field '{absent}' (required when '{present}' is given)")
+    return _build(
+        where,
+        case_id=case_id,
+        prompt=prompt,
+        subject=subject,
+        target_new=_text(record, "alt", where),
+        target_true=answers[0] if answers else None,
+        rephrase_prompts=() if rephrase is None else (rephrase,),
+        locality=() if loc is None or loc_ans is None else (LocalityProbe(loc, loc_ans),),
+    )
+
+
+def _from_easyedit(record: dict[str, Any], where: _Where) -> EditRequest:
+    """Reads one record in EasyEdit's flattened layout.
+
+    Args:
+        record: The decoded record.
+        where: Location for error messages.
+
+    Returns:
+        The request; ``locality_prompt``/``locality_ground_truth`` (strings or equal-length lists) become probes.
+    """
+    case_id = _case_id(record, where, default=where.index)
+    subject = _text(record, "subject", where)
+    prompt = _to_template(_text(record, "prompt", where), subject, "prompt", where)
+    loc_prompts = _texts(record, "locality_prompt", where, single=True)
+    loc_answers = _texts(record, "locality_ground_truth", where, single=True)
+    if len(loc_prompts) != len(loc_answers):
+        raise where.error(
+            "fields 'locality_prompt' and 'locality_ground_truth' have different lengths "
+            f"({len(loc_prompts)} and {len(loc_answers)})"
+        )
+    return _build(
+        where,
+        case_id=case_id,
+        prompt=prompt,
+        subject=subject,
+        target_new=_text(record, "target_new", where),
+        target_true=_optional_text(record, "ground_truth", where),
+        rephrase_prompts=_texts(record, "rephrase_prompt", where, single=True),
+        locality=tuple(LocalityProbe(p, a) for p, a in zip(loc_prompts, loc_answers, strict=True)),
+    )
+
+
+def _probes(record: dict[str, Any], field: str, where: _Where) -> tuple[LocalityProbe, ...]:
+    """Reads an optional list of ``{"prompt", "answer"}`` objects.
+
+    Args:
+        record: The decoded record.
+        field: Field name.
+        where: Location for error messages.
+
+    Returns:
+        The probes.
+    """
+    items = _get(record, field, where, required=False)
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise where.error(f"field '{field}' must be a list of objects, got {_json_type(items)}")
+    probes = []
+    for i, item in enumerate(items):
+        name = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise where.error(f"field '{name}' must be an object, got {_json_type(item)}")
+        for key in ("prompt", "answer"):
+            if key not in item:
+                raise where.error(f"missing field '{name}.{key}'")
+        prompt = _checked(item["prompt"], f"{name}.prompt", where)
+        probes.append(LocalityProbe(prompt, _checked(item["answer"], f"{name}.answer", where)))
+    return tuple(probes)
+
+
+def _from_canonical(record: dict[str, Any], where: _Where) -> EditRequest:
+    """Reads one record in the canonical layout (the ``jsonl`` format).
+
+    A ``prompt`` without ``"{}"`` is accepted when it contains the subject; it is converted to a template.
+
+    Args:
+        record: The decoded record.
+        where: Location for error messages.
+
+    Returns:
+        The request.
+    """
+    case_id = _case_id(record, where)
+    subject = _text(record, "subject", where)
+    prompt = _text(record, "prompt", where)
+    if _PLACEHOLDER in prompt:
+        prompt = _template(record, "prompt", where)
+    else:
+        prompt = _to_template(prompt, subject, "prompt", where)
+    return _build(
+        where,
+        case_id=case_id,
+        prompt=prompt,
+        subject=subject,
+        target_new=_text(record, "target_new", where),
+        target_true=_optional_text(record, "target_true", where),
+        rephrase_prompts=_texts(record, "rephrase_prompts", where),
+        locality=_probes(record, "locality", where),
+        generation_prompts=_texts(record, "generation_prompts", where),
+    )
+
+
+_READERS: dict[str, Callable[[dict[str, Any], _Where], EditRequest]] = {
+    "counterfact": _from_counterfact,
+    "zsre": _from_zsre,
+    "easyedit": _from_easyedit,
+    "jsonl": _from_canonical,
+}
+
+
+def _read_text(path: Path) -> str:
+    """Reads a UTF-8 file (a leading byte-order mark is ignored).
+
+    Args:
+        path: File to read.
+
+    Returns:
+        The file contents.
+
+    Raises:
+        RequestError: If the file is missing, not a regular file, unreadable or not UTF-8.
+    """
+    if not path.exists():
+        raise RequestError(f"{path.name}: file does not exist: {path}")
+    if not path.is_file():
+        raise RequestError(f"{path.name}: not a regular file: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{path.name}: not valid UTF-8 (byte offset {exc.start})") from None
+    except OSError as exc:
+        raise RequestError(f"{path.name}: cannot be read: {exc.strerror}") from None
+
+
+def _json_list(text: str, name: str) -> list[Any]:
+    """Parses a JSON document whose top level must be a list of records.
+
+    Args:
+        text: File contents.
+        name: File name for error messages.
+
+    Returns:
+        The decoded list.
+
+    Raises:
+        RequestError: If the text is not valid JSON or the top level is not a list.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (JSON Lines files need a .jsonl suffix or format='jsonl')" if exc.msg == "Extra data" else ""
+        raise RequestError(f"{name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{hint}") from None
+    if not isinstance(data, list):
+        raise RequestError(f"{name}: top level must be a JSON list of records, got {_json_type(data)}")
+    return data
+
+
+def _json_lines(text: str, name: str, limit: int | None) -> Iterator[tuple[Any, _Where]]:
+    """Parses JSON Lines lazily, skipping blank lines and stopping after ``limit`` records.
+
+    Args:
+        text: File contents.
+        name: File name for error messages.
+        limit: Maximum number of records, or None for all.
+
+    Yields:
+        Each decoded record with its location.
+
+    Raises:
+        RequestError: If a line is not valid JSON.
+    """
+    index = 0
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if limit is not None and index >= limit:
+            return
+        if not line.strip():
+            continue
+        where = _Where(name, index, line=line_no)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise where.error(f"invalid JSON at column {exc.colno}: {exc.msg}") from None
+        yield record, where
+        index += 1
+
+
+def _detect(first: object, name: str) -> str:
+    """Detects the layout of a JSON list from the keys of its first record.
+
+    Args:
+        first: The first record.
+        name: File name for error messages.
+
+    Returns:
+        One of :data:`FORMATS`.
+
+    Raises:
+        RequestError: If the record is not an object or its keys match no layout.
+    """
+    where = _Where(name, 0)
+    if not isinstance(first, dict):
+        raise where.error(f"record is not a JSON object, got {_json_type(first)}")
+    keys = set(first)
+    if "requested_rewrite" in keys:
+        return "counterfact"
+    if {"src", "alt"} <= keys:
+        return "zsre"
+    if {"prompt", "ground_truth"} <= keys:
+        return "easyedit"
+    if {"prompt", "subject", "target_new"} <= keys:
+        return "jsonl"
+    raise where.error(
+        f"cannot detect the format from the record keys {sorted(keys)}; pass format= one of {', '.join(FORMATS)}"
+    )
+
+
+def read_requests(path: str | Path, format: str = "auto", limit: int | None = None) -> list[EditRequest]:
+    """Reads and validates edit requests from a dataset file.
+
+    Formats:
+        ``counterfact``: ROME's CounterFact JSON list (``requested_rewrite``, ``paraphrase_prompts``,
+        ``neighborhood_prompts``, ``generation_prompts``, ``case_id``).
+        ``zsre``: MEND's zsRE JSON list (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``, ``loc``,
+        ``loc_ans``); the case id is the record index.
+        ``easyedit``: EasyEdit's JSON list (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
+        ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``, optional ``case_id``).
+        ``jsonl``: canonical records, one JSON object per line (a JSON list of them is accepted too).
+        ``auto``: ``.jsonl`` suffix means ``jsonl``; otherwise the layout of a JSON list is detected from the
+        keys of its first record.
+
+    Args:
+        path: The file to read.
+        format: One of ``"auto"`` or :data:`FORMATS`.
+        limit: Read only the first ``limit`` records (only those are validated); None reads all.
+
+    Returns:
+        The requests, in file order, all validated.
+
+    Raises:
+        RequestError: If the format or limit is invalid, the file cannot be read or parsed, or any returned
+            record is invalid. The message names the file, record and field.
+    """
+    path = Path(path)
+    name = path.name
+    if format != "auto" and format not in FORMATS:
+        raise RequestError(f"{name}: unknown format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise RequestError(f"{name}: limit must be an integer >= 1, got {limit!r}")
+    text = _read_text(path)
+    json_lines = format == "jsonl" or (format == "auto" and path.suffix.lower() == ".jsonl")
+    if json_lines and not text.lstrip().startswith("["):
+        reader = _READERS["jsonl"]
+        located: Iterator[tuple[Any, _Where]] = _json_lines(text, name, limit)
+    else:
+        records = _json_list(text, name)[:limit]
+        if not records:
+            return []
+        reader = _READERS[_detect(records[0], name) if format == "auto" else format]
+        located = ((record, _Where(name, i)) for i, record in enumerate(records))
+    requests = []
+    for record, where in located:
+        if not isinstance(record, dict):
+            raise where.error(f"record is not a JSON object, got {_json_type(record)}")
+        try:
+            requests.append(reader(record, where))
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise where.error(f"malformed record ({type(exc).__name__}: {exc})") from exc
+    return requests
+
+
+def detect_format(path: str | Path) -> str:
+    """The layout ``read_requests(path, "auto")`` would use (one of :data:`FORMATS`)."""
+    path = Path(path)
+    text = _read_text(path)
+    if text.lstrip().startswith("["):
+        records = _json_list(text, path.name)
+        return _detect(records[0], path.name) if records else "jsonl"
+    return "jsonl"
+
+
+def builtin_requests(limit: int | None = None) -> list[EditRequest]:
+    """Reads the CounterFact sample shipped with the package (``editing/builtin/counterfact_builtin.jsonl``).
+
+    Args:
+        limit: Read only the first ``limit`` requests; None reads all.
+
+    Returns:
+        The validated requests.
+
+    Raises:
+        RequestError: If the file is missing or invalid.
+    """
+    return read_requests(_BUILTIN_FILE, format="jsonl", limit=limit)

@@ -1,0 +1,65 @@
+"""Command line: ``python main.py fit|validate --config configs/lyaplock.yaml [--model.model_name ...]``.
+
+Built on LightningCLI: the module, data module and trainer arguments come from their signatures and docstrings.
+Without an explicit ``trainer.logger`` a run logs to CSV and to Weights & Biases (offline unless ``WANDB_MODE=online``)
+under ``trainer.default_root_dir``, and :class:`callbacks.RunReport` writes ``summary.json`` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from callbacks import RunReport
+from editing import EditDataModule, EditingModule
+
+
+class EditingCLI(LightningCLI):
+    """LightningCLI with the project's default loggers and run report."""
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        root = config.get("default_root_dir") or "runs/default"
+        config["default_root_dir"] = root
+        if config.get("logger") in (None, True):
+            config["logger"] = [
+                CSVLogger(root, name="csv"),
+                WandbLogger(
+                    project="lifelong-editing", save_dir=root, offline=os.environ.get("WANDB_MODE") != "online"
+                ),
+            ]
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(cb, RunReport) for cb in trainer.callbacks):
+            trainer.callbacks.append(RunReport())
+        return trainer
+
+
+def cli_main(args: list[str] | None = None) -> EditingCLI:
+    return EditingCLI(
+        EditingModule,
+        EditDataModule,
+        seed_everything_default=0,
+        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        cli_main()
+    except ValueError as err:  # bad input: one clear line, no traceback, nothing written half-way
+        logging.getLogger(__name__).debug("bad input", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
