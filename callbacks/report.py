@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
@@ -28,10 +30,15 @@ class RunReport(Callback):
         self.filename = filename
         self.step_times: list[dict[str, float]] = []
         self.evaluations: list[dict[str, Any]] = []
+        self._eval_started = 0.0
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.step_times.append(dict(pl_module.method.timings))
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_started = time.perf_counter()
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -42,8 +49,8 @@ class RunReport(Callback):
             for key, value in trainer.callback_metrics.items()
             if key.startswith("val/")
         }
-        self.evaluations.append({"edits": int(pl_module.edits_done), "metrics": metrics,
-                                 "seconds": pl_module.last_eval_seconds})
+        seconds = time.perf_counter() - self._eval_started
+        self.evaluations.append({"edits": int(pl_module.edits_done), "metrics": metrics, "seconds": seconds})
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -51,7 +58,7 @@ class RunReport(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.training and not trainer.sanity_checking:
+        if trainer.state.fn == TrainerFn.VALIDATING:
             self.write(trainer, pl_module)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

@@ -77,8 +77,6 @@ class EditingModule(LightningModule):
         self.register_buffer("edits_done", torch.zeros((), dtype=torch.long))
         self.locality_reference: dict[str, list[list[int]]] = {}
         self.val_scores = nn.ModuleDict({name: HitRate() for name in SCORES})
-        self.last_eval_seconds = 0.0
-        self._eval_started = 0.0
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -120,9 +118,6 @@ class EditingModule(LightningModule):
     def on_validation_start(self) -> None:
         self._ensure_reference()
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_started = time.perf_counter()
-
     def validation_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
         done = int(self.edits_done)
         requests = [r for i, r in batch if done == 0 or i < done]
@@ -134,8 +129,7 @@ class EditingModule(LightningModule):
                 self.log(f"val/{name}", self.val_scores[name], batch_size=len(requests))
 
     def on_validation_epoch_end(self) -> None:
-        self.last_eval_seconds = time.perf_counter() - self._eval_started
-        self.log_dict({"time/evaluation": self.last_eval_seconds, "edits/total": float(self.edits_done)})
+        self.log("edits/total", float(self.edits_done))
 
     def _score(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
         family = self.trainer.datamodule.metric_family

@@ -125,14 +125,13 @@ class LocateThenEdit(EditMethod):
         self.stats_tokens = stats_tokens
         self.seed = seed
         self.templates: list[str] = []
-        self._model: PreTrainedModel | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a registered submodule
         self._weights: dict[str, EditedWeight] = {}
         self._last_targets: TargetResult | None = None
 
     # -- binding -----------------------------------------------------------------------------------------------
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
-        self._model, self._tokenizer = model, tokenizer
+        self._bound = (model, tokenizer)
         self.layers = self.layers if self.layers is not None else default_mlp_layers(model)
         self._weights = {w.name: w for w in (EditedWeight(model, layer) for layer in self.layers)}
         for i, w in enumerate(self._weights.values()):
@@ -151,6 +150,14 @@ class LocateThenEdit(EditMethod):
 
     def edited_weights(self) -> dict[str, EditedWeight]:
         return self._weights
+
+    @property
+    def _model(self) -> PreTrainedModel:
+        return self._bound[0]
+
+    @property
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._bound[1]
 
     def c0(self, i: int) -> torch.Tensor:
         return getattr(self, f"c0_{i}")
