@@ -12,17 +12,22 @@ import os
 import sys
 import warnings
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from callbacks import RunReport
 from editing import EditDataModule, EditingModule
+from editing.models import check_model_name
 
 
 class EditingCLI(LightningCLI):
     """LightningCLI with the project's default loggers and run report."""
 
-    def instantiate_trainer(self, **kwargs):
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # Bad input fails here, before loggers, caches or the model are touched.
+        check_model_name(self.model.model_name)
+        self.datamodule.setup("fit")
         config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         root = config.get("default_root_dir") or "runs/default"
         config["default_root_dir"] = root
@@ -44,7 +49,7 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
         EditingModule,
         EditDataModule,
         seed_everything_default=0,
-        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False},
+        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False, "log_every_n_steps": 1},
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -34,7 +34,7 @@ class RunReport(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.step_times.append(dict(pl_module.method.timings))
+        self.step_times.append({**pl_module.method.timings, **pl_module.method.step_log()})
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -80,6 +80,7 @@ class RunReport(Callback):
             },
             "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
             "history": self.evaluations,
+            "steps": self.step_times,
             "timing": {
                 "seconds_per_step": sum(split.values()) if split else None,
                 "split": split,

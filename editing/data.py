@@ -22,6 +22,31 @@ def _as_batch(items: list[IndexedRequest]) -> list[IndexedRequest]:
     return items
 
 
+class StreamLoader(DataLoader):
+    """The training stream: remembers how many batches were consumed, so a run resumed from a mid-stream checkpoint
+    continues at the next edit instead of re-applying the stream from its start (Lightning reads ``state_dict``)."""
+
+    def __init__(self, items: list[IndexedRequest], batch_size: int) -> None:
+        super().__init__(items, batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
+        self._skip = 0
+        self._consumed = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._consumed = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index < skip:
+                continue
+            self._consumed = index + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state.get("batches_consumed", 0)
+
+
 class EditDataModule(LightningDataModule):
     """Edit requests from a file (or the built-in set) as a sequential stream.
 
@@ -97,7 +122,7 @@ class EditDataModule(LightningDataModule):
         return DataLoader(list(enumerate(self.requests)), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.edits_per_step)
+        return StreamLoader(list(enumerate(self.requests)), self.edits_per_step)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_batch_size)

@@ -280,6 +280,7 @@ class TargetResult:
     z: torch.Tensor
     steps: list[int]
     prob: list[float]
+    tokens: int  # token positions run through the upper blocks (forward + backward), summed over iterations
 
 
 def compute_targets(
@@ -326,12 +327,13 @@ def compute_targets(
     delta = torch.zeros_like(h0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     active = torch.ones(n, dtype=torch.bool, device=dev)
-    used, prob = [steps] * n, torch.zeros(n, device=dev)
+    used, prob, tokens = [steps] * n, torch.zeros(n, device=dev), 0
     for step in range(steps):
         sel = active[owner].nonzero()[:, 0]
         sub, sub_owner, sub_kl = rows.select(sel), owner[sel], is_kl[sel]
         shifted = hidden[sel, : sub.input_ids.shape[1]].clone()
         shifted[torch.arange(len(sel), device=dev), sub.subject_pos] += delta[sub_owner]
+        tokens += int(sub.attention_mask.sum())
         with _blocks_from(model, layer, shifted):
             out = model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask, use_cache=False)[0]
         r, p, ids = sub.target_positions()  # essence rows have no targets
@@ -364,4 +366,4 @@ def compute_targets(
             delta[~active] = kept[~active]  # Adam momentum must not move finished requests
             norm = delta.norm(dim=1, keepdim=True)
             delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
-    return TargetResult(z=(h0 + delta.detach()).T, steps=used, prob=prob.tolist())
+    return TargetResult(z=(h0 + delta.detach()).T, steps=used, prob=prob.tolist(), tokens=tokens)

@@ -145,7 +145,19 @@ def _convert_embedded(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve(model_name: str, cache_dir: Path) -> str:
+def check_model_name(model_name: str) -> None:
+    """Fail fast, before anything is loaded or written, on a model that cannot be found locally."""
+    if model_name == EMBEDDED_MODEL:
+        _embedded_gguf_dir()
+        return
+    looks_like_path = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1  # hub ids are "org/name"
+    if looks_like_path and not Path(model_name).expanduser().exists():
+        raise ValueError(f"model.model_name: path '{model_name}' does not exist")
+
+
+def resolve_source(model_name: str, cache_dir: Path) -> str:
+    """The directory or hub id ``from_pretrained`` should read (converting the embedded GGUF once if needed)."""
+    check_model_name(model_name)
     if model_name == EMBEDDED_MODEL:
         gguf = _embedded_gguf_dir() / _EMBEDDED_GGUF
         stamp = hashlib.sha256(f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
@@ -154,9 +166,6 @@ def _resolve(model_name: str, cache_dir: Path) -> str:
             _convert_embedded(target)
         return str(target)
     path = Path(model_name).expanduser()
-    looks_like_path = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1  # hub ids are "org/name"
-    if looks_like_path and not path.exists():
-        raise ValueError(f"model.model_name: path '{model_name}' does not exist")
     return str(path) if path.exists() else model_name
 
 
@@ -170,7 +179,7 @@ def load_model(
         dtype: parameter dtype.
         cache_dir: where converted models are cached (default :func:`default_cache_dir`).
     """
-    source = _resolve(model_name, cache_dir or default_cache_dir())
+    source = resolve_source(model_name, cache_dir or default_cache_dir())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -181,6 +181,7 @@ class LocateThenEdit(EditMethod):
         return {
             "train/target_prob": sum(result.prob) / len(result.prob),
             "train/target_steps": sum(result.steps) / len(result.steps),
+            "train/target_tokens": float(result.tokens),
         }
 
     @torch.no_grad()

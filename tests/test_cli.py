@@ -1,0 +1,131 @@
+"""The command line end to end on a tiny local model: outputs, checkpoints, resume, shipped configs and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+REQUESTS = [
+    {
+        "case_id": f"t{i}",
+        "prompt": "The home of {} is",
+        "subject": subject,
+        "target_new": new,
+        "target_true": true,
+        "rephrase_prompts": [f"{subject} lives in"],
+        "locality": [{"prompt": "The sky is", "answer": "blue"}],
+    }
+    for i, (subject, new, true) in enumerate([("Ann", "Rome", "Oslo"), ("Bob", "Lima", "Kyiv"), ("Cy", "Baku", "Riga")])
+]
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_llama, char_tokenizer) -> dict[str, Path]:
+    """A saved tiny model, a request file and a corpus: everything a CLI run needs, offline."""
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama.save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "edits.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in REQUESTS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about the weather and cities." for i in range(40)))
+    return {"model": model_dir, "data": data, "corpus": corpus, "root": tmp_path / "run", "cache": tmp_path / "cache"}
+
+
+def _args(run: dict[str, Path], method: str = "lyaplock", root: Path | None = None, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / f"{method}.yaml"),
+        "--model.model_name", str(run["model"]),
+        "--model.cache_dir", str(run["cache"]),
+        "--model.method.init_args.layers", "[1, 2]",
+        "--model.method.init_args.stats_corpus", str(run["corpus"]),
+        "--model.method.init_args.stats_tokens", "300",
+        "--model.method.init_args.context_seeds", "[The]",
+        "--model.method.init_args.context_length", "3",
+        "--model.method.init_args.target_steps", "5",
+        "--data.path", str(run["data"]),
+        "--data.edits_per_step", "1",
+        "--trainer.default_root_dir", str(root or run["root"]),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def _edited(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("model.") or k.startswith("method.")}
+
+
+@pytest.mark.parametrize("method", ["lyaplock", "memit", "alphaedit"])
+def test_fit_writes_summary_metrics_and_small_checkpoint(tiny_run: dict[str, Path], method: str) -> None:
+    cli_main(_args(tiny_run, method))
+    root = tiny_run["root"]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["method"] == {"lyaplock": "LyapLock", "memit": "MEMIT", "alphaedit": "AlphaEdit"}[method]
+    assert summary["protocol"]["total_edits"] == 3 and summary["protocol"]["edits_per_step"] == 1
+    assert set(summary["metrics"]) >= {"efficacy", "generalization", "locality"}
+    assert set(summary["timing"]["split"]) == {"targets", "keys", "solve"}
+    rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
+    assert {"val/efficacy", "edits/total", "time/targets"} <= set(rows[0])
+    assert (root / "wandb").is_dir()
+    checkpoint = next(root.glob("checkpoints/*.ckpt"))
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    model_keys = [k for k in state if k.startswith("model.")]
+    assert sorted(model_keys) == [f"model.model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+
+
+def test_resume_mid_stream_matches_uninterrupted_run(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    cli_main(_args(tiny_run, root=tmp_path / "full"))
+    cli_main(_args(tiny_run, "lyaplock", tmp_path / "part", "--trainer.max_steps", "1"))
+    partial = next((tmp_path / "part").glob("checkpoints/*.ckpt"))
+    assert torch.load(partial, weights_only=True)["global_step"] == 1
+    cli_main(_args(tiny_run, "lyaplock", tmp_path / "resumed", "--ckpt_path", str(partial)))
+    full = _edited(next((tmp_path / "full").glob("checkpoints/*.ckpt")))
+    resumed = _edited(next((tmp_path / "resumed").glob("checkpoints/*.ckpt")))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], msg=key)
+    assert int(resumed["edits_done"]) == 3
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: editing.methods." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"target_new": ""}, r"record 0 .*'target_new' is empty"),
+        ({"subject": "Zed"}, r"record 0 .*subject 'Zed' does not occur"),
+    ],
+)
+def test_bad_request_fails_before_anything_is_written(
+    tiny_run: dict[str, Path], record: dict, message: str
+) -> None:
+    tiny_run["data"].write_text(json.dumps({**REQUESTS[0], **record}))
+    with pytest.raises(ValueError, match=message):
+        cli_main(_args(tiny_run))
+    assert not tiny_run["root"].exists()
+    assert not tiny_run["cache"].exists()
+
+
+def test_missing_model_path_is_named(tiny_run: dict[str, Path]) -> None:
+    args = _args(tiny_run)
+    args[args.index("--model.model_name") + 1] = str(tiny_run["model"] / "missing")
+    with pytest.raises(ValueError, match="model.model_name: path .* does not exist"):
+        cli_main(args)
+    assert not tiny_run["root"].exists()

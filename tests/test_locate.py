@@ -1,0 +1,277 @@
+"""Tests for editing.locate (keys, targets, the upper-block shortcut) and editing.models.EditedWeight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing.locate import (
+    _blocks_from,
+    capture,
+    compute_keys,
+    compute_targets,
+    encode_rows,
+    layer_output_at_subject,
+    spread_residual,
+    target_token_ids,
+)
+from editing.models import EditedWeight, architecture_of
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _d_inner(model) -> int:
+    cfg = model.config
+    return cfg.intermediate_size if cfg.model_type == "llama" else (cfg.n_inner or 4 * cfg.n_embd)
+
+
+# -- EditedWeight ------------------------------------------------------------------------------------------------
+def test_edited_weight_orientation(tiny_model):
+    w = EditedWeight(tiny_model, 2)
+    assert w.get().shape == (tiny_model.config.hidden_size, _d_inner(tiny_model))
+    assert w.transposed == (tiny_model.config.model_type == "gpt2")
+    # get() is a view of the parameter: writing through it changes the module
+    assert w.get().data_ptr() == w.parameter.data_ptr()
+
+
+def test_edited_weight_add_changes_output_by_delta_x(tiny_model):
+    w = EditedWeight(tiny_model, 1)
+    d_out, d_in = w.get().shape
+    x = torch.randn(3, d_in)
+    before = w.module(x).double()
+    delta = torch.randn(d_out, d_in, dtype=torch.float64) * 0.1
+    w.add(delta)
+    after = w.module(x).double()
+    torch.testing.assert_close(after - before, x.double() @ delta.T, atol=1e-5, rtol=1e-4)
+
+
+def test_edited_weight_set_roundtrip(tiny_model):
+    w = EditedWeight(tiny_model, 0)
+    new = torch.randn(*w.get().shape, dtype=torch.float64)
+    w.set(new)
+    assert w.parameter.dtype == torch.float32
+    torch.testing.assert_close(w.get().double(), new, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [4, -1, 100])
+def test_edited_weight_out_of_range(tiny_model, layer):
+    with pytest.raises(ValueError, match="layers"):
+        EditedWeight(tiny_model, layer)
+
+
+# -- encode_rows -------------------------------------------------------------------------------------------------
+def test_encode_rows_positions_and_teacher_forcing(char_tokenizer):
+    tok = char_tokenizer
+    prompts = ["The capital of Spain is", "Ed speaks", "Nothing here"]
+    subjects = ["Spain", "Ed", None]
+    targets = ["Rome", "Dutch language", None]
+    rows = encode_rows(tok, prompts, subjects, targets)
+
+    assert rows.subject_pos.tolist() == [prompts[0].index("Spain") + 4, 1, -1]
+    assert rows.last_prompt_pos.tolist() == [len(p) - 1 for p in prompts]
+    # the byte at the subject position is the last byte of the subject
+    assert rows.input_ids[0, rows.subject_pos[0]].item() == _ids(tok, "n")[0]
+
+    full = [_ids(tok, p) + (target_token_ids(tok, t) if t else []) for p, t in zip(prompts, targets, strict=True)]
+    for i, seq in enumerate(full):
+        width = len(seq) - (1 if targets[i] else 0)  # the last target token is predicted, never fed
+        assert rows.attention_mask[i].sum().item() == width
+        assert rows.input_ids[i, :width].tolist() == seq[:width]
+        assert (rows.input_ids[i, width:] == tok.pad_token_id).all()
+        assert (rows.attention_mask[i, width:] == 0).all()
+
+    r, p, ids = rows.target_positions()
+    assert len(ids) == len(" Rome") + len(" Dutch language")
+    for row, pos, tid in zip(r.tolist(), p.tolist(), ids.tolist(), strict=True):
+        assert full[row][pos + 1] == tid  # logits at pos predict the next token of prompt + target
+    assert set(r.tolist()) == {0, 1}
+    assert target_token_ids(tok, " Rome ") == _ids(tok, " Rome")  # one leading space, stripped otherwise
+
+
+def test_encode_rows_uses_last_occurrence_of_subject(char_tokenizer):
+    rows = encode_rows(char_tokenizer, ["Ed met Ed today"], ["Ed"])
+    assert rows.subject_pos.tolist() == [8]
+
+
+def test_encoded_rows_select_trims(char_tokenizer):
+    rows = encode_rows(char_tokenizer, ["a long prompt here", "ab", "abcd"], targets=["x", "y", "zz"])
+    sub = rows.select(torch.tensor([1, 2]))
+    assert sub.input_ids.shape == (2, len("abcd") + 2)  # "abcd" + " z" (last target token not fed)
+    assert sub.last_prompt_pos.tolist() == [1, 3]
+    torch.testing.assert_close(sub.target_ids, rows.target_ids[[1, 2]])
+
+
+# -- capture / forward_until -------------------------------------------------------------------------------------
+def _block(model, layer: int) -> str:
+    return f"{architecture_of(model).blocks}.{layer}"
+
+
+def test_capture_matches_hidden_states_and_manual_hook(tiny_model, char_tokenizer):
+    rows = encode_rows(char_tokenizer, ["The capital of Spain is", "Ed speaks"], ["Spain", "Ed"])
+    mlp = EditedWeight(tiny_model, 1).name
+    seen = {}
+
+    def record(module, args, output) -> None:
+        seen["k"] = args[0].clone()
+
+    handle = tiny_model.get_submodule(mlp).register_forward_hook(record)
+    with torch.no_grad():
+        ref = tiny_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, output_hidden_states=True)
+    handle.remove()
+
+    got = capture(tiny_model, rows, {_block(tiny_model, 1): "output", mlp: "input"})
+    torch.testing.assert_close(got[_block(tiny_model, 1)], ref.hidden_states[2])
+    torch.testing.assert_close(got[mlp], seen["k"])
+
+    at = capture(tiny_model, rows, {_block(tiny_model, 1): "output", mlp: "input"}, rows.subject_pos)
+    idx = torch.arange(2)
+    torch.testing.assert_close(at[_block(tiny_model, 1)], ref.hidden_states[2][idx, rows.subject_pos])
+    torch.testing.assert_close(at[mlp], seen["k"][idx, rows.subject_pos])
+    assert at[mlp].shape == (2, _d_inner(tiny_model))
+
+
+def test_capture_stops_after_last_module(tiny_model, char_tokenizer):
+    rows = encode_rows(char_tokenizer, ["hello"])
+    calls = []
+    handles = [
+        tiny_model.get_submodule(_block(tiny_model, 2)).register_forward_hook(lambda *a: calls.append("block2") and None),
+        tiny_model.get_output_embeddings().register_forward_hook(lambda *a: calls.append("head") and None),
+    ]
+    try:
+        out = capture(tiny_model, rows, {_block(tiny_model, 1): "output"})
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    assert out[_block(tiny_model, 1)].shape == (1, 5, tiny_model.config.hidden_size)
+
+
+def test_compute_keys_is_template_average(tiny_llama, char_tokenizer, tiny_requests):
+    reqs = tiny_requests[:2]
+    templates = ["{}", "Hi there. {}"]
+    name = EditedWeight(tiny_llama, 1).name
+    K = compute_keys(tiny_llama, char_tokenizer, reqs, name, templates)
+    assert K.shape == (64, 2)
+    for j, r in enumerate(reqs):
+        per_template = []
+        for t in templates:
+            text = t.replace("{}", r.text)
+            rows = encode_rows(char_tokenizer, [text], [r.subject])
+            per_template.append(capture(tiny_llama, rows, {name: "input"}, rows.subject_pos)[name][0])
+        torch.testing.assert_close(K[:, j], torch.stack(per_template).mean(0), atol=1e-6, rtol=1e-5)
+
+
+# -- _blocks_from: skipping the lower blocks ---------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [0, 2])
+def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
+    rows = encode_rows(char_tokenizer, ["The capital of Spain is", "Ed speaks"], targets=["Rome", "Dutch"])
+    inputs = dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+    with torch.no_grad():
+        full = tiny_model(**inputs).logits
+        hidden = capture(tiny_model, rows, {_block(tiny_model, layer): "output"})[_block(tiny_model, layer)]
+        lower_calls = []
+        handle = tiny_model.get_submodule(_block(tiny_model, 0)).register_forward_hook(
+            lambda *a: lower_calls.append(1) and None
+        )
+        blocks = tiny_model.get_submodule(architecture_of(tiny_model).blocks)
+        try:
+            with _blocks_from(tiny_model, layer, hidden):
+                assert len(tiny_model.get_submodule(architecture_of(tiny_model).blocks)) == 3 - layer
+                upper = tiny_model(**inputs).logits
+                shifted = hidden.clone()
+                shifted[:, 3] += torch.randn_like(hidden[:, 3]) * hidden[:, 3].norm(dim=-1, keepdim=True)
+            with _blocks_from(tiny_model, layer, shifted):
+                changed = tiny_model(**inputs).logits
+        finally:
+            handle.remove()
+    assert lower_calls == []  # the cached hidden state replaced the lower blocks
+    mask = rows.attention_mask.bool()
+    torch.testing.assert_close(upper[mask], full[mask], atol=1e-5, rtol=1e-4)
+    # the fed hidden state is what the upper blocks see: a shift at position 3 moves positions >= 3 only
+    assert not torch.allclose(changed[:, 3:], full[:, 3:], atol=1e-4)
+    torch.testing.assert_close(changed[:, :3], full[:, :3], atol=1e-5, rtol=1e-4)
+    # the block list is restored
+    assert tiny_model.get_submodule(architecture_of(tiny_model).blocks) is blocks and len(blocks) == 4
+
+
+def test_blocks_from_rejects_top_layer(tiny_llama):
+    with pytest.raises(ValueError, match="layers"):
+        with _blocks_from(tiny_llama, 3, torch.zeros(1, 1, 32)):
+            pass
+    assert len(tiny_llama.model.layers) == 4
+
+
+# -- compute_targets ---------------------------------------------------------------------------------------------
+def _target_nll_with_shift(model, tok, request, layer: int, z: torch.Tensor | None) -> float:
+    """Mean NLL of target_new after the bare prompt, with the residual after ``layer`` at the last subject token
+    replaced by ``z`` (an independent forward-hook implementation of the injection)."""
+    rows = encode_rows(tok, [request.text], [request.subject], [request.target_new])
+    pos = int(rows.subject_pos[0])
+
+    def inject(module, args, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        hidden = hidden.clone()
+        hidden[0, pos] = z.to(hidden.dtype)
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+    handle = model.get_submodule(_block(model, layer)).register_forward_hook(inject) if z is not None else None
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.double()
+    finally:
+        if handle is not None:
+            handle.remove()
+    r, p, ids = rows.target_positions()
+    log_p = logits[r, p].log_softmax(-1)
+    return float(-log_p.gather(1, ids[:, None]).mean())
+
+
+def test_compute_targets_raises_target_probability_and_respects_clamp(tiny_llama, char_tokenizer, tiny_requests):
+    reqs = tiny_requests[:2]
+    layer, clamp = 1, 0.75
+    with torch.enable_grad():
+        res = compute_targets(
+            tiny_llama, char_tokenizer, reqs, layer, ["{}"], lr=0.5, steps=40, stop_prob=0.5, clamp_norm_factor=clamp
+        )
+    d = tiny_llama.config.hidden_size
+    assert res.z.shape == (d, 2)
+    assert len(res.steps) == len(res.prob) == 2
+    h0 = layer_output_at_subject(tiny_llama, char_tokenizer, reqs, layer)  # (d, n), independent capture
+    for j, r in enumerate(reqs):
+        shift = (res.z[:, j] - h0[:, j]).norm()
+        assert shift > 0
+        assert shift <= clamp * h0[:, j].norm() + 1e-4
+        before = _target_nll_with_shift(tiny_llama, char_tokenizer, r, layer, None)
+        after = _target_nll_with_shift(tiny_llama, char_tokenizer, r, layer, res.z[:, j])
+        assert after < before - 0.3, (before, after)
+        if res.steps[j] < 40:  # stopped early: the recorded probability is that of the returned z
+            assert res.prob[j] >= 0.5
+            assert res.prob[j] == pytest.approx(float(torch.tensor(-after).exp()), rel=1e-3)
+    # the model is untouched and no gradient flag leaked into it
+    assert not any(p.requires_grad for p in tiny_llama.parameters())
+    assert len(tiny_llama.model.layers) == 4
+
+
+def test_compute_targets_clamp_binds(tiny_llama, char_tokenizer, tiny_requests):
+    reqs = tiny_requests[:1]
+    with torch.enable_grad():
+        res = compute_targets(tiny_llama, char_tokenizer, reqs, 1, ["{}"], lr=1.0, steps=5, clamp_norm_factor=0.05)
+    h0 = layer_output_at_subject(tiny_llama, char_tokenizer, reqs, 1)[:, 0]
+    assert (res.z[:, 0] - h0).norm() == pytest.approx(0.05 * float(h0.norm()), rel=1e-4)
+
+
+# -- spread_residual ---------------------------------------------------------------------------------------------
+def test_spread_residual_formula_and_telescoping():
+    z, h = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    n = 4
+    for i in range(n):
+        torch.testing.assert_close(spread_residual(z, h, i, n), (z - h) / (n - i))
+    # each layer writing its share exactly, with h recomputed after each layer: equal shares, ending at z
+    cur = h.clone()
+    for i in range(n):
+        share = spread_residual(z, cur, i, n)
+        torch.testing.assert_close(share, (z - h) / n)
+        cur = cur + share
+    torch.testing.assert_close(cur, z)
