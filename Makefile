@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -e ".[test]"
 
 demo: install
-	$(PYTHON) main.py fit --config configs/lyaplock.yaml
+	$(PYTHON) main.py fit --config configs/lyaplock.yaml --data.limit 20
 
 test: install
 	$(PYTHON) -m pytest

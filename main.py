@@ -12,13 +12,22 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from callbacks import RunReport
 from editing import EditDataModule, EditingModule
 from editing.models import check_model_name
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` beside the run and sends the full parsed config (method included) to every logger."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.config.as_dict()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
 
 
 class EditingCLI(LightningCLI):
@@ -49,7 +58,13 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
         EditingModule,
         EditDataModule,
         seed_everything_default=0,
-        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False, "log_every_n_steps": 1},
+        trainer_defaults={
+            "max_epochs": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -42,12 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1]
-    / "editing"
-    / "builtin"
-    / "counterfact_builtin.jsonl"
-)
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "editing" / "builtin" / "counterfact_builtin.jsonl"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -64,9 +59,7 @@ def load_model(
     else:
         directory, kwargs = model_dir, {}
     tok = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, **kwargs
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
     return model, tok
 
 
@@ -111,9 +104,7 @@ def mean_nll(
         chunk = pairs[start : start + batch_size]
         prompt_ids = [tok(p).input_ids for p, _ in chunk]
         target_ids = [tok(" " + o).input_ids for _, o in chunk]
-        ids, mask = _pad(
-            [p + t for p, t in zip(prompt_ids, target_ids)], tok.pad_token_id or 0
-        )
+        ids, mask = _pad([p + t for p, t in zip(prompt_ids, target_ids)], tok.pad_token_id or 0)
         logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
         for row, (p, t) in enumerate(zip(prompt_ids, target_ids)):
             positions = torch.arange(len(p) - 1, len(p) + len(t) - 1)
@@ -130,9 +121,7 @@ def schema_errors(records: list[dict[str, Any]]) -> list[str]:
         cid, subject = rec["case_id"], rec["subject"]
         if rec["prompt"].count("{}") != 1:
             errors.append(f"{cid}: prompt must contain exactly one '{{}}'")
-        if len(rec["rephrase_prompts"]) != 2 or any(
-            subject not in r for r in rec["rephrase_prompts"]
-        ):
+        if len(rec["rephrase_prompts"]) != 2 or any(subject not in r for r in rec["rephrase_prompts"]):
             errors.append(f"{cid}: needs 2 rephrase prompts containing the subject")
         if len(rec["locality"]) != 2:
             errors.append(f"{cid}: needs 2 locality probes")
@@ -150,22 +139,14 @@ def schema_errors(records: list[dict[str, Any]]) -> list[str]:
 def main() -> int:
     """Score every record, print the table and summary; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="JSONL file to check"
-    )
-    parser.add_argument(
-        "--model-dir", default=None, help="local HF model dir (default: packaged GGUF)"
-    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL file to check")
+    parser.add_argument("--model-dir", default=None, help="local HF model dir (default: packaged GGUF)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    records = [
-        json.loads(line)
-        for line in args.data.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    records = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     errors = schema_errors(records)
     model, tok = load_model(args.model_dir)
 
@@ -180,13 +161,9 @@ def main() -> int:
         for text in [prompt, *r["rephrase_prompts"]]:
             pairs += [(text, r["target_true"]), (text, r["target_new"])]
     nll = mean_nll(model, tok, pairs, args.batch_size)
-    greedy = greedy_first_tokens(
-        model, tok, mains + [p["prompt"] for p in probes], args.batch_size
-    )
+    greedy = greedy_first_tokens(model, tok, mains + [p["prompt"] for p in probes], args.batch_size)
     main_greedy, probe_greedy = greedy[: len(mains)], greedy[len(mains) :]
-    probe_ok = [
-        g == tok(" " + p["answer"]).input_ids[0] for g, p in zip(probe_greedy, probes)
-    ]
+    probe_ok = [g == tok(" " + p["answer"]).input_ids[0] for g, p in zip(probe_greedy, probes)]
 
     header = f"{'id':<5} {'subject':<28} {'true':<20} {'new':<20} {'nll_t':>6} {'nll_n':>6} {'greedy':<12} ok  reph loc"
     print(header)
@@ -214,12 +191,8 @@ def main() -> int:
     print(f"records:                  {len(records)}")
     print(f"schema errors:            {len(errors)}")
     print(f"pass main criteria:       {n_pass}/{len(records)}")
-    print(
-        f"rephrases prefer true:    {n_reph}/{len(rephrases)} ({n_reph / max(len(rephrases), 1):.1%})"
-    )
-    print(
-        f"locality probes pass:     {sum(probe_ok)}/{len(probes)} ({unique_probes} distinct prompts)"
-    )
+    print(f"rephrases prefer true:    {n_reph}/{len(rephrases)} ({n_reph / max(len(rephrases), 1):.1%})")
+    print(f"locality probes pass:     {sum(probe_ok)}/{len(probes)} ({unique_probes} distinct prompts)")
     return 0 if not errors and n_pass == len(records) and all(probe_ok) else 1
 
 

@@ -128,12 +128,15 @@ def _last_layer(config_path: Path) -> int:
 
 def format_table(report: dict) -> str:
     """Markdown table of the report (also pasted into docs/benchmarks.md)."""
-    head = "| method | efficacy | generalization | specificity | locality | targets s | keys s | solve s | eval s | peak RSS MB | x FLOP floor |"
-    lines = [head, "|" + "---|" * 11]
+    columns = ["method", "efficacy", "generalization", "specificity", "locality", "targets s", "keys s", "solve s"]
+    columns += ["eval s", "peak RSS MB", "x FLOP floor"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, r in report["results"].items():
         m = r["metrics"]
         t = r.get("seconds_per_step", {})
-        cells = [name] + [f"{m.get(k, float('nan')):.3f}" for k in ("efficacy", "generalization", "specificity", "locality")]
+        cells = [name] + [
+            f"{m.get(k, float('nan')):.3f}" for k in ("efficacy", "generalization", "specificity", "locality")
+        ]
         cells += [f"{t[k]:.1f}" if k in t else "" for k in ("targets", "keys", "solve", "evaluation")]
         cells += [f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""]
         cells += [f"{r['target_flop_floor_ratio']:.1f}" if r.get("target_flop_floor_ratio") else ""]

@@ -33,7 +33,9 @@ class RunReport(Callback):
         self._eval_started = 0.0
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.step_times.append({**pl_module.method.timings, **pl_module.method.step_log()})
 
     @override
@@ -64,7 +66,11 @@ class RunReport(Callback):
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         data = trainer.datamodule
         steps = len(self.step_times)
-        split = {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in ("targets", "keys", "solve")} if steps else {}
+        split = (
+            {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in ("targets", "keys", "solve")}
+            if steps
+            else {}
+        )
         val_interval = trainer.val_check_interval
         return {
             "method": type(pl_module.method).__name__,
@@ -76,7 +82,9 @@ class RunReport(Callback):
                 "total_edits": int(pl_module.edits_done),
                 "edit_steps": steps,
                 "metric_family": data.metric_family,
-                "evaluation": "after the last edit" if val_interval == 1.0 else f"every {val_interval} steps and at the end",
+                "evaluation": "after the last edit"
+                if val_interval == 1.0
+                else f"every {val_interval} steps and at the end",
             },
             "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
             "history": self.evaluations,

@@ -57,7 +57,9 @@ def _file_texts(path: Path) -> list[str]:
             try:
                 texts.append(str(json.loads(line)["text"]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"stats_corpus: {path.name}: line {number}: expected a JSON object with 'text'") from err
+                raise ValueError(
+                    f"stats_corpus: {path.name}: line {number}: expected a JSON object with 'text'"
+                ) from err
         return texts
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("=")]
 

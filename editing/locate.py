@@ -236,7 +236,7 @@ def layer_output_at_subject(
 
 
 def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> torch.Tensor:
-    """MEMIT's residual spreading: layer ``i`` (0-based, in editing order) of ``n_layers`` writes ``(z - h)/(n - i)``."""
+    """MEMIT's residual spreading: edited layer ``i`` (0-based, in order) of ``n_layers`` writes ``(z - h)/(n - i)``."""
     return (z - h) / (n_layers - i)
 
 

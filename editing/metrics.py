@@ -56,7 +56,7 @@ class HitRate(Metric):
 
 @dataclass
 class TokenScores:
-    """Per-row teacher-forced results: mean NLL of the target, and the model's top-1 prediction at every target token."""
+    """Per-row teacher-forced results: mean target NLL, and the model's top-1 prediction at every target token."""
 
     nll: torch.Tensor  # (B,)
     predictions: list[torch.Tensor]  # B tensors of (target_len,)
@@ -83,7 +83,9 @@ def score_targets(
         token_lp = log_p.gather(1, ids[:, None])[:, 0]
         top1 = log_p.argmax(-1)
         counts = (rows.target_ids >= 0).sum(1).tolist()
-        nll.append(-torch.zeros(len(rows), device=r.device).index_add(0, r, token_lp) / rows.target_ids.new_tensor(counts))
+        nll.append(
+            -torch.zeros(len(rows), device=r.device).index_add(0, r, token_lp) / rows.target_ids.new_tensor(counts)
+        )
         predictions += list(top1.split(counts))
         correct += list((top1 == ids).split(counts))
     return TokenScores(torch.cat(nll).cpu(), [p.cpu() for p in predictions], [c.cpu() for c in correct])

@@ -79,7 +79,9 @@ class EditedWeight:
         arch = architecture_of(model)
         n_blocks = len(model.get_submodule(arch.blocks))
         if not 0 <= layer < n_blocks:
-            raise ValueError(f"layers: layer {layer} does not exist; the model has {n_blocks} blocks (0..{n_blocks - 1})")
+            raise ValueError(
+                f"layers: layer {layer} does not exist; the model has {n_blocks} blocks (0..{n_blocks - 1})"
+            )
         self.layer = layer
         self.name = arch.mlp_out.format(layer)
         self.module: nn.Module = model.get_submodule(self.name)

@@ -41,7 +41,7 @@ def _cache_path(cache_dir: Path, key: dict) -> Path:
 def _token_chunks(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, seq_len: int
 ) -> list[list[int]]:
-    """Texts as consecutive ``seq_len``-token chunks (each text is cut, never joined with another) up to ``max_tokens``."""
+    """Texts as ``seq_len``-token chunks (a text is cut, never joined with another), ``max_tokens`` in total."""
     chunks, total = [], 0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

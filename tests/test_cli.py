@@ -113,9 +113,7 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> N
         ({"subject": "Zed"}, r"record 0 .*subject 'Zed' does not occur"),
     ],
 )
-def test_bad_request_fails_before_anything_is_written(
-    tiny_run: dict[str, Path], record: dict, message: str
-) -> None:
+def test_bad_request_fails_before_anything_is_written(tiny_run: dict[str, Path], record: dict, message: str) -> None:
     tiny_run["data"].write_text(json.dumps({**REQUESTS[0], **record}))
     with pytest.raises(ValueError, match=message):
         cli_main(_args(tiny_run))

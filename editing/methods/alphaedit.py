@@ -37,10 +37,15 @@ class AlphaEdit(LocateThenEdit):
             c0 = self.c0(i)
             eigvals, eigvecs = torch.linalg.eigh(c0)
             null = eigvecs[:, eigvals < self.nullspace_threshold]
-            log.info("AlphaEdit layer %d: null space of C0 has dimension %d of %d", self.layers[i], null.shape[1], len(c0))
+            log.info(
+                "AlphaEdit layer %d: null space of C0 has dimension %d of %d", self.layers[i], null.shape[1], len(c0)
+            )
             if null.shape[1] == 0:
-                log.warning("AlphaEdit: no eigenvalue of C0 is below %g: edits of layer %d are projected to zero",
-                            self.nullspace_threshold, self.layers[i])
+                log.warning(
+                    "AlphaEdit: no eigenvalue of C0 is below %g: edits of layer %d are projected to zero",
+                    self.nullspace_threshold,
+                    self.layers[i],
+                )
             self.register_buffer(f"projection_{i}", null @ null.T, persistent=False)
             self.register_buffer(f"past_kk_{i}", torch.zeros_like(c0))
 

