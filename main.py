@@ -12,7 +12,9 @@ import os
 import sys
 import warnings
 
+import wandb
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -47,27 +49,39 @@ class EditingCLI(LightningCLI):
                     project="lifelong-editing", save_dir=root, offline=os.environ.get("WANDB_MODE") != "online"
                 ),
             ]
+        callbacks = list(config.get("callbacks") or [])
+        if not any(isinstance(cb, RunReport) for cb in callbacks):
+            callbacks.append(RunReport())
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(cb, ModelCheckpoint) for cb in callbacks
+        ):
+            # after every edit step, so a long stream resumes where it stopped (only the latest is kept)
+            callbacks.append(ModelCheckpoint(dirpath=f"{root}/checkpoints", every_n_train_steps=1, save_last=True))
+        config["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(cb, RunReport) for cb in trainer.callbacks):
-            trainer.callbacks.append(RunReport())
         return trainer
 
 
 def cli_main(args: list[str] | None = None) -> EditingCLI:
-    return EditingCLI(
-        EditingModule,
-        EditDataModule,
-        seed_everything_default=0,
-        trainer_defaults={
-            "max_epochs": 1,
-            "num_sanity_val_steps": 0,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return EditingCLI(
+            EditingModule,
+            EditDataModule,
+            seed_everything_default=0,
+            trainer_defaults={
+                "max_epochs": 1,
+                "num_sanity_val_steps": 0,
+                "enable_model_summary": False,
+                "log_every_n_steps": 1,
+            },
+            save_config_callback=SaveAndLogConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        # Close the W&B run so a second run in the same process (tests, notebooks) starts its own.
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editing.requests import EditRequest, LocalityProbe
 
-
 # The default initialisation (std 0.02) gives a near-uniform next-token distribution whose predictions no shift of one
 # residual vector can move; a wider one makes edits measurable on these 32-wide models.
 INIT = 0.3
@@ -133,3 +132,79 @@ def tiny_requests() -> list[EditRequest]:
             target_true="English",
         ),
     ]
+
+
+CORPUS_LINES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paris is the capital and most populous city of France.",
+    "= A heading line that the corpus reader skips =",
+    "Music is an art form whose medium is sound and silence over time.",
+]
+
+
+@pytest.fixture
+def stats_corpus(tmp_path) -> str:
+    """A small ``.txt`` corpus (one text per line) for the C0 statistic."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS_LINES * 3) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def method_kwargs(stats_corpus) -> dict:
+    """LocateThenEdit arguments that bind fast to the tiny models: edited blocks 0-1, a 200-token corpus, one
+    3-token context template."""
+    return dict(layers=[0, 1], stats_corpus=stats_corpus, stats_tokens=200, context_seeds=["The"], context_length=3)
+
+
+@pytest.fixture
+def bind(char_tokenizer, tmp_path):
+    """``bind(method, model)``: ``method.setup`` on a tiny model with every cache under ``tmp_path``."""
+
+    def _bind(method, model):
+        method.setup(model, char_tokenizer, "tiny", tmp_path / "cache")
+        return method
+
+    return _bind
+
+
+@pytest.fixture
+def edit_and_check(char_tokenizer):
+    """``edit_and_check(method, model, requests)``: one full step (``prepare`` + ``apply``) on a bound method.
+
+    Asserts that exactly the edited projections changed (every one of them) and nothing else in the model; returns the
+    per-request target_new NLL on the edited prompts before/after, the residual after the last edited layer at the
+    subject before/after, the targets ``z`` and the weight change of every edited layer (``(d_out, d_in)``, float64).
+    """
+    from editing.locate import layer_output_at_subject
+    from editing.metrics import score_targets
+
+    def nll(model, requests):
+        return score_targets(model, char_tokenizer, [r.text for r in requests], [r.target_new for r in requests]).nll
+
+    def _edit(method, model, requests) -> dict:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        weights = method.edited_weights()
+        w_before = {name: w.get().double().clone() for name, w in weights.items()}
+        nll_before = nll(model, requests)
+        plan = method.prepare(requests)
+        h_before = layer_output_at_subject(model, char_tokenizer, requests, method.layers[-1]).double()
+        method.apply(requests, plan)
+        h_after = layer_output_at_subject(model, char_tokenizer, requests, method.layers[-1]).double()
+
+        edited = {f"{name}.weight" for name in weights}
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed == edited, f"changed {sorted(changed)}, edited {sorted(edited)}"
+        assert not any(p.requires_grad for p in model.parameters())
+        assert not model.training
+        return dict(
+            nll_before=nll_before,
+            nll_after=nll(model, requests),
+            h_before=h_before,
+            h_after=h_after,
+            z=plan.z.double(),
+            deltas={name: w.get().double() - w_before[name] for name, w in weights.items()},
+        )
+
+    return _edit

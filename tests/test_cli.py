@@ -63,7 +63,7 @@ def _args(run: dict[str, Path], method: str = "lyaplock", root: Path | None = No
 
 def _edited(checkpoint: Path) -> dict[str, torch.Tensor]:
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("model.") or k.startswith("method.")}
+    return {k: v for k, v in state.items() if k.startswith(("model.", "method.", "edits_done"))}
 
 
 @pytest.mark.parametrize("method", ["lyaplock", "memit", "alphaedit"])
@@ -78,24 +78,31 @@ def test_fit_writes_summary_metrics_and_small_checkpoint(tiny_run: dict[str, Pat
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
     assert {"val/efficacy", "edits/total", "time/targets"} <= set(rows[0])
     assert (root / "wandb").is_dir()
-    checkpoint = next(root.glob("checkpoints/*.ckpt"))
-    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     model_keys = [k for k in state if k.startswith("model.")]
     assert sorted(model_keys) == [f"model.model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
 
 
 def test_resume_mid_stream_matches_uninterrupted_run(tiny_run: dict[str, Path], tmp_path: Path) -> None:
-    cli_main(_args(tiny_run, root=tmp_path / "full"))
-    cli_main(_args(tiny_run, "lyaplock", tmp_path / "part", "--trainer.max_steps", "1"))
-    partial = next((tmp_path / "part").glob("checkpoints/*.ckpt"))
-    assert torch.load(partial, weights_only=True)["global_step"] == 1
-    cli_main(_args(tiny_run, "lyaplock", tmp_path / "resumed", "--ckpt_path", str(partial)))
-    full = _edited(next((tmp_path / "full").glob("checkpoints/*.ckpt")))
-    resumed = _edited(next((tmp_path / "resumed").glob("checkpoints/*.ckpt")))
+    keep_every_step = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'full' / 'checkpoints'}",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]
+    cli_main(_args(tiny_run, "lyaplock", tmp_path / "full", *keep_every_step))
+    after_first = tmp_path / "full" / "checkpoints" / "step=1.ckpt"  # as if the run had been killed after step 1
+    assert torch.load(after_first, weights_only=True)["global_step"] == 1
+    cli_main(_args(tiny_run, "lyaplock", tmp_path / "resumed", "--ckpt_path", str(after_first)))
+    full = _edited(tmp_path / "full" / "checkpoints" / "step=3.ckpt")
+    resumed = _edited(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], msg=key)
     assert int(resumed["edits_done"]) == 3
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["protocol"]["edit_steps"] == 3
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -110,7 +117,7 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> N
     ("record", "message"),
     [
         ({"target_new": ""}, r"record 0 .*'target_new' is empty"),
-        ({"subject": "Zed"}, r"record 0 .*subject 'Zed' does not occur"),
+        ({"prompt": "The home of Ann is", "subject": "Zed"}, r"record 0 .*subject .Zed. does not occur"),
     ],
 )
 def test_bad_request_fails_before_anything_is_written(tiny_run: dict[str, Path], record: dict, message: str) -> None:

@@ -136,7 +136,9 @@ def test_capture_stops_after_last_module(tiny_model, char_tokenizer):
     rows = encode_rows(char_tokenizer, ["hello"])
     calls = []
     handles = [
-        tiny_model.get_submodule(_block(tiny_model, 2)).register_forward_hook(lambda *a: calls.append("block2") and None),
+        tiny_model.get_submodule(_block(tiny_model, 2)).register_forward_hook(
+            lambda *a: calls.append("block2") and None
+        ),
         tiny_model.get_output_embeddings().register_forward_hook(lambda *a: calls.append("head") and None),
     ]
     try:
