@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
+from editing.models import sample_text
 from editing.stats import corpus_fingerprint
 
 log = logging.getLogger(__name__)
@@ -87,21 +88,10 @@ def _model_sample(
     n_seq = -(-tokens // _SAMPLE_LENGTH)
     log.info("Sampling a %d-token corpus from the model for C0 (once; cached in %s)", tokens, path)
     texts: list[str] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, n_seq, 64):
-            prompts = [_SAMPLE_SEEDS[i % len(_SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(
-                **batch,
-                do_sample=True,
-                top_k=0,
-                max_new_tokens=_SAMPLE_LENGTH,
-                min_new_tokens=_SAMPLE_LENGTH,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-            log.info("corpus sample: %d/%d sequences", len(texts), n_seq)
+    for start in range(0, n_seq, 64):
+        prompts = [_SAMPLE_SEEDS[i % len(_SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
+        texts += sample_text(model, tokenizer, prompts, _SAMPLE_LENGTH, seed + start)
+        log.info("corpus sample: %d/%d sequences", len(texts), n_seq)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(texts))
     return texts, corpus_fingerprint(texts)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.models import architecture_of
+from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
 
 
@@ -33,24 +33,11 @@ def generate_context_templates(
     length: int = 10,
     seed: int = 0,
 ) -> list[str]:
-    """``["{}"]`` plus one sampled prefix of ``length`` tokens per seed word, each followed by ``". {}"``.
-
-    Sampling uses a forked RNG so it neither depends on nor disturbs the global random state.
-    """
+    """``["{}"]`` plus one sampled prefix of ``length`` tokens per seed word (top-5 sampling), each followed by
+    ``". {}"`` (MEMIT's context templates)."""
     if not seeds:
         return ["{}"]
-    batch = tokenizer(list(seeds), return_tensors="pt", padding=True).to(model.device)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            top_k=5,
-            max_new_tokens=length,
-            min_new_tokens=length,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    texts = sample_text(model, tokenizer, list(seeds), length, seed, top_k=5)
     return ["{}"] + [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
 
 

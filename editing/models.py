@@ -193,3 +193,31 @@ def load_model(
     model.eval().requires_grad_(False)
     architecture_of(model)
     return model, tokenizer
+
+
+@torch.no_grad()
+def sample_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    new_tokens: int,
+    seed: int,
+    top_k: int = 0,
+) -> list[str]:
+    """Sampled continuations (prompt included) of exactly ``new_tokens`` tokens each.
+
+    Prompts are left-padded so every row continues its own text, and a forked RNG keeps sampling reproducible
+    without touching the global random state.
+    """
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            top_k=top_k,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -16,6 +16,7 @@ from editing.locate import (
     target_token_ids,
 )
 from editing.models import EditedWeight, architecture_of
+from editing.requests import EditRequest
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -277,3 +278,52 @@ def test_spread_residual_formula_and_telescoping():
         torch.testing.assert_close(share, (z - h) / n)
         cur = cur + share
     torch.testing.assert_close(cur, z)
+
+
+def _already_satisfied_request(model, tok) -> EditRequest:
+    """A request whose target_new is already the model's greedy continuation at every target token (found by search:
+    a two-letter subject after which the model predicts a space, then the character it predicts next)."""
+    space = _ids(tok, " ")[0]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    subjects = [a + b for a in letters for b in letters]
+    with torch.no_grad():
+        nxt = model(input_ids=torch.tensor([_ids(tok, s) for s in subjects])).logits[:, -1].argmax(-1)
+    for subject in (s for s, n in zip(subjects, nxt.tolist(), strict=True) if n == space):
+        with torch.no_grad():
+            second = int(model(input_ids=torch.tensor([_ids(tok, subject + " ")])).logits[0, -1].argmax())
+        target = tok.decode([second])
+        if target.strip() == target and target and target_token_ids(tok, target) == [space, second]:
+            return EditRequest(case_id="done", prompt="{}", subject=subject, target_new=target)
+    raise AssertionError("no already-satisfied request found for this tiny model")
+
+
+def test_compute_targets_stops_satisfied_requests_and_keeps_requests_independent(tiny_llama, char_tokenizer):
+    done = _already_satisfied_request(tiny_llama, char_tokenizer)
+    hard = EditRequest(case_id="hard", prompt="The capital of {} is", subject="Spain", target_new="Rome")
+    kwargs = dict(lr=0.5, steps=6, stop_prob=0.0)
+    with torch.enable_grad():
+        both = compute_targets(tiny_llama, char_tokenizer, [done, hard], 1, ["{}"], **kwargs)
+        alone = compute_targets(tiny_llama, char_tokenizer, [hard], 1, ["{}"], **kwargs)
+    h0 = layer_output_at_subject(tiny_llama, char_tokenizer, [done, hard], 1)
+    # the satisfied request stops at step 0 with z = h0 exactly, and reports the probability of its target
+    assert both.steps[0] == 0
+    assert torch.equal(both.z[:, 0], h0[:, 0])
+    expected_prob = torch.tensor(-_target_nll_with_shift(tiny_llama, char_tokenizer, done, 1, None)).exp()
+    assert both.prob[0] == pytest.approx(float(expected_prob), rel=1e-4)
+    # the other one keeps optimising, exactly as if it were alone in the batch
+    assert both.steps[1] == 6
+    assert not torch.allclose(both.z[:, 1], h0[:, 1])
+    torch.testing.assert_close(both.z[:, 1], alone.z[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_compute_targets_requests_are_optimised_independently(tiny_gpt2, char_tokenizer, tiny_requests):
+    """Each request's loss has its own shift: batching requests (rows of different lengths, several templates) must
+    not change any request's target."""
+    templates = ["{}", "Hi there. {}"]
+    kwargs = dict(lr=0.5, steps=5, stop_prob=1.0)
+    with torch.enable_grad():
+        together = compute_targets(tiny_gpt2, char_tokenizer, tiny_requests, 1, templates, **kwargs)
+        for j, r in enumerate(tiny_requests):
+            alone = compute_targets(tiny_gpt2, char_tokenizer, [r], 1, templates, **kwargs)
+            torch.testing.assert_close(together.z[:, j], alone.z[:, 0], atol=1e-4, rtol=1e-4)
+            assert together.prob[j] == pytest.approx(alone.prob[0], rel=1e-3)
