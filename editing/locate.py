@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
@@ -255,6 +255,60 @@ def _blocks_from(model: PreTrainedModel, layer: int, hidden: torch.Tensor) -> It
         handle.remove()
 
 
+class _ShiftedSuffix:
+    """The blocks above ``layer`` for rows whose residual stream is shifted at one position each.
+
+    Positions before a row's shift position do not depend on the shift, so their keys and values in the upper blocks
+    are computed once (no gradient) and cached; every optimisation iteration then runs only the positions from the
+    shift on. Prefixes are left-padded and suffixes right-padded, with explicit position ids, so one batched call
+    serves rows of any length.
+    """
+
+    def __init__(self, model: PreTrainedModel, layer: int, hidden: torch.Tensor, rows: EncodedRows) -> None:
+        self.model, self.layer, dev = model, layer, hidden.device
+        b = torch.arange(len(rows), device=dev)[:, None]
+        start, lengths = rows.subject_pos, rows.attention_mask.sum(1)
+        self.prefix_len = int(start.max())
+        width = int((lengths - start).max())
+        src = torch.arange(self.prefix_len, device=dev)[None] - (self.prefix_len - start[:, None])  # (B, P)
+        prefix_valid = src >= 0
+        idx = start[:, None] + torch.arange(width, device=dev)[None]  # (B, S)
+        suffix_valid = idx < lengths[:, None]
+        self.suffix_hidden = hidden[b, idx.clamp(max=hidden.shape[1] - 1)] * suffix_valid[..., None]
+        self.suffix_pos = idx.masked_fill(~suffix_valid, 0)
+        self.mask = torch.cat([prefix_valid, suffix_valid], 1).long()
+        self.start = start
+        self.cache = DynamicCache(config=model.config)
+        self.upper_cache = self.cache.layers[layer + 1 :]
+        if self.prefix_len:
+            prefix_hidden = hidden[b, src.clamp(min=0)] * prefix_valid[..., None]
+            with torch.no_grad():
+                self._run(prefix_hidden, src.clamp(min=0), prefix_valid.long())
+            # The lower layers never run, but masks are sized from cache layer 0: give them the prefix length.
+            first = self.upper_cache[0]
+            for lower in self.cache.layers[: layer + 1]:
+                lower.lazy_initialization(first.keys, first.values)
+                lower.keys, lower.values = first.keys, first.values
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dummy = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # embeddings are replaced by `x`
+        with _blocks_from(self.model, self.layer, x):
+            return self.model.base_model(
+                input_ids=dummy, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            )[0]
+
+    def __call__(self, shift: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(B, S, d)`` of the suffix positions when row ``b`` is shifted by ``shift[b]``."""
+        x = self.suffix_hidden.clone()
+        x[:, 0] += shift
+        try:
+            return self._run(x, self.suffix_pos, self.mask)
+        finally:
+            for cached in self.upper_cache:  # forget the suffix (and its graph), keep the prefix for the next call
+                cached.keys = cached.keys[..., : self.prefix_len, :].detach()
+                cached.values = cached.values[..., : self.prefix_len, :].detach()
+
+
 def _log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities from final hidden states ``(N, d)``, LM head applied to these rows only."""
     return model.get_output_embeddings()(hidden).log_softmax(-1)
@@ -267,7 +321,7 @@ class TargetResult:
     z: torch.Tensor
     steps: list[int]
     prob: list[float]
-    tokens: int  # token positions run through the upper blocks (forward + backward), summed over iterations
+    tokens: int  # suffix positions run through the upper blocks (forward + backward), summed over iterations
 
 
 def compute_targets(
@@ -315,22 +369,23 @@ def compute_targets(
     opt = torch.optim.Adam([delta], lr=lr)
     active = torch.ones(n, dtype=torch.bool, device=dev)
     used, prob, tokens = [steps] * n, torch.zeros(n, device=dev), 0
+    runner_for: tuple[torch.Tensor, _ShiftedSuffix] | None = None
     for step in range(steps):
         sel = active[owner].nonzero()[:, 0]
         sub, sub_owner, sub_kl = rows.select(sel), owner[sel], is_kl[sel]
-        shifted = hidden[sel, : sub.input_ids.shape[1]].clone()
-        shifted[torch.arange(len(sel), device=dev), sub.subject_pos] += delta[sub_owner]
-        tokens += int(sub.attention_mask.sum())
-        with _blocks_from(model, layer, shifted):
-            out = model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask, use_cache=False)[0]
+        if runner_for is None or not torch.equal(runner_for[0], sel):  # the prefix cache follows the active rows
+            runner_for = (sel, _ShiftedSuffix(model, layer, hidden[sel], sub))
+        runner = runner_for[1]
+        out = runner(delta[sub_owner])  # (B, S, d), suffix coordinates: position p is p - start
+        tokens += int(runner.mask[:, runner.prefix_len :].sum())
         r, p, ids = sub.target_positions()  # essence rows have no targets
-        log_p = _log_softmax_at(model, out[r, p])  # (N_tokens, V)
+        log_p = _log_softmax_at(model, out[r, p - runner.start[r]])  # (N_tokens, V)
         token_lp = log_p.gather(1, ids[:, None])[:, 0]
         tok_owner = sub_owner[r]
         n_tok = torch.zeros(n, device=dev).index_add(0, tok_owner, torch.ones_like(token_lp))
         nll = torch.zeros(n, device=dev).index_add(0, tok_owner, -token_lp) / n_tok.clamp(min=1)
         kl_idx = sub_kl.nonzero()[:, 0]
-        kl_lp = _log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx]])
+        kl_lp = _log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx] - runner.start[kl_idx]])
         kl = torch.zeros(n, device=dev).index_add(
             0, sub_owner[kl_idx], F.kl_div(kl_lp, kl_init[sub_owner[kl_idx]], log_target=True, reduction="none").sum(-1)
         )

@@ -327,3 +327,26 @@ def test_compute_targets_requests_are_optimised_independently(tiny_gpt2, char_to
             alone = compute_targets(tiny_gpt2, char_tokenizer, [r], 1, templates, **kwargs)
             torch.testing.assert_close(together.z[:, j], alone.z[:, 0], atol=1e-4, rtol=1e-4)
             assert together.prob[j] == pytest.approx(alone.prob[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_shifted_suffix_with_cached_prefix_equals_full_upper_run(tiny_model, char_tokenizer, layer):
+    """Running only the positions from each row's shift on (prefix keys/values cached) must change nothing."""
+    from editing.locate import _ShiftedSuffix
+
+    prompts = ["Some context. The home of Ann is", "Ann is", "A much longer context line: Bob lives in"]
+    rows = encode_rows(char_tokenizer, prompts, ["Ann", "Ann", "Bob"], ["Rome", None, "Lima"])
+    block = _block(tiny_model, layer)
+    hidden = capture(tiny_model, rows, {block: "output"})[block]
+    shift = torch.randn(len(rows), tiny_model.config.hidden_size)
+    shifted = hidden.clone()
+    shifted[torch.arange(len(rows)), rows.subject_pos] += shift
+    with torch.no_grad(), _blocks_from(tiny_model, layer, shifted):
+        full = tiny_model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)[0]
+    runner = _ShiftedSuffix(tiny_model, layer, hidden, rows)
+    for _ in range(2):  # the prefix cache is reused across calls
+        with torch.no_grad():
+            out = runner(shift)
+        for b, length in enumerate(rows.attention_mask.sum(1).tolist()):
+            start = int(rows.subject_pos[b])
+            torch.testing.assert_close(out[b, : length - start], full[b, start:length], atol=1e-4, rtol=1e-4)

@@ -2,7 +2,8 @@
 
 from editing.methods.alphaedit import AlphaEdit
 from editing.methods.base import EditMethod, LocateThenEdit
+from editing.methods.ft import FineTune
 from editing.methods.lyaplock import LyapLock
 from editing.methods.memit import MEMIT
 
-__all__ = ["AlphaEdit", "EditMethod", "LocateThenEdit", "LyapLock", "MEMIT"]
+__all__ = ["AlphaEdit", "EditMethod", "FineTune", "LocateThenEdit", "LyapLock", "MEMIT"]

@@ -1,0 +1,133 @@
+"""FT-L: constrained fine-tuning of one MLP output projection (the baseline of ROME, Meng et al., 2022, arXiv 2202.05262).
+
+Each step runs a few Adam steps on the weight of a single MLP output projection, minimising the teacher-forced NLL of
+``target_new`` after the request prompt, and after every step clamps the change from the *original* weight to an L-inf
+ball (``|W - W0| <= norm_constraint`` elementwise). No preserved-knowledge term holds the rest of the model in place,
+so under sequential editing it degrades quickly: the baseline on which PRUNE's restraint (``callbacks.PruneRestraint``,
+DESIGN.md section 7) is easiest to see.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.locate import EncodedRows, encode_rows
+from editing.methods.base import EditMethod
+from editing.models import EditedWeight, default_mlp_layers
+from editing.requests import EditRequest
+
+
+class FineTune(EditMethod):
+    """FT-L: gradient steps on one layer's MLP output projection, L-inf constrained around the original weight.
+
+    The weight is trained through a float32 master copy (so bfloat16/float16 models take exact Adam steps); only the
+    edited weight carries gradients, and only while a step runs.
+
+    Args:
+        layer: the edited block (its MLP output projection); ``None`` picks the middle one of the five early-middle
+            blocks MEMIT would edit (:func:`editing.models.default_mlp_layers`).
+        lr: Adam learning rate (ROME's FT-L: 5e-4).
+        steps: maximum gradient steps per edit batch (ROME's FT-L: 25).
+        norm_constraint: bound on ``|W - W0|`` per entry, against the original weight ``W0`` (ROME's FT-L: 5e-4);
+            ``None`` fine-tunes without a bound (plain FT).
+        stop_loss: stop a step early once the mean target NLL falls below this value (ROME's FT: 1e-2).
+    """
+
+    def __init__(
+        self,
+        layer: int | None = None,
+        lr: float = 5e-4,
+        steps: int = 25,
+        norm_constraint: float | None = 5e-4,
+        stop_loss: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if layer is not None and layer < 0:
+            raise ValueError(f"layer: must be a block index >= 0, got {layer}")
+        if lr <= 0:
+            raise ValueError(f"lr: must be positive, got {lr}")
+        if steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {steps}")
+        if norm_constraint is not None and norm_constraint <= 0:
+            raise ValueError(f"norm_constraint: must be positive or null, got {norm_constraint}")
+        if stop_loss < 0:
+            raise ValueError(f"stop_loss: must be >= 0, got {stop_loss}")
+        self.layer = layer
+        self.lr = lr
+        self.steps = steps
+        self.norm_constraint = norm_constraint
+        self.stop_loss = stop_loss
+        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a submodule
+        self._weight: EditedWeight | None = None
+        self._log: dict[str, float] = {}
+
+    # -- binding -----------------------------------------------------------------------------------------------
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
+        self._bound = (model, tokenizer)
+        if self.layer is None:
+            candidates = default_mlp_layers(model)
+            self.layer = candidates[len(candidates) // 2]
+        self._weight = EditedWeight(model, self.layer)
+        # W0 in the parameter's storage layout (the clamp is elementwise, so the layout does not matter). Taken before
+        # any checkpoint is restored, so it is the unedited weight even when a run resumes.
+        self.register_buffer("w0", self._weight.parameter.detach().clone(), persistent=False)
+
+    def edited_weights(self) -> dict[str, EditedWeight]:
+        return {self._weight.name: self._weight} if self._weight is not None else {}
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[EditRequest]) -> EncodedRows:
+        """The request prompts followed by their ``target_new`` tokens (teacher forcing), on the model's device."""
+        model, tokenizer = self._bound
+        self.timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
+        return encode_rows(
+            tokenizer, [r.text for r in requests], None, [r.target_new for r in requests], device=model.device
+        )
+
+    def apply(self, requests: Sequence[EditRequest], plan: EncodedRows) -> None:
+        start = time.perf_counter()
+        param = self._weight.parameter
+        master = param.detach().float().clone()  # float32 copy that Adam updates
+        w0 = self.w0.float()
+        opt = torch.optim.Adam([master], lr=self.lr)
+        loss, used = float("nan"), self.steps
+        param.requires_grad_(True)
+        try:
+            for step in range(self.steps):
+                with torch.enable_grad():
+                    nll = self.target_nll(plan).mean()  # requests weigh equally, whatever their target length
+                    loss = nll.item()
+                    if loss < self.stop_loss:
+                        used = step
+                        break
+                    param.grad = None
+                    nll.backward()
+                master.grad = param.grad.float()
+                opt.step()
+                with torch.no_grad():
+                    if self.norm_constraint is not None:
+                        master.copy_(w0 + (master - w0).clamp(-self.norm_constraint, self.norm_constraint))
+                    param.copy_(master.to(param.dtype))
+        finally:
+            param.requires_grad_(False)
+            param.grad = None
+        self.timings["solve"] = time.perf_counter() - start
+        self._log = {"train/ft_loss": loss, "train/ft_steps": float(used)}
+
+    def target_nll(self, rows: EncodedRows) -> torch.Tensor:
+        """``(B,)`` mean per-token NLL of each row's target, the LM head applied at target positions only."""
+        model = self._bound[0]
+        hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
+        r, p, ids = rows.target_positions()
+        log_p = model.get_output_embeddings()(hidden[r, p]).float().log_softmax(-1)  # (N_tokens, V)
+        token_nll = -log_p.gather(1, ids[:, None])[:, 0]
+        counts = torch.zeros(len(rows), device=r.device).index_add(0, r, torch.ones_like(token_nll))
+        return torch.zeros(len(rows), device=r.device).index_add(0, r, token_nll) / counts.clamp(min=1)
+
+    def step_log(self) -> dict[str, float]:
+        return dict(self._log)
