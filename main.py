@@ -86,7 +86,16 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning warnings that do not apply to editing: the frozen LM is in eval mode on purpose, requests are moved to
+    # the device by the module, and checkpoints are taken after the closed-form update, not before it.
+    for message in (
+        ".*does not have many workers.*",
+        ".*module\\(s\\) in eval mode.*",
+        ".*overridden `transfer_batch_to_device`.*",
+        ".*ModelCheckpoint with manual optimization.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message)
     try:
         cli_main()
     except ValueError as err:  # bad input: one clear line, no traceback, nothing written half-way

@@ -12,7 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
@@ -75,7 +74,6 @@ def _hf_texts(name: str) -> list[str]:
     return [t for t in data["text"] if t.strip()]
 
 
-@torch.no_grad()
 def _model_sample(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: int, seed: int, cache_dir: Path
 ) -> tuple[list[str], str]:
