@@ -1,5 +1,7 @@
-"""Cross-cutting behaviour of editing runs: reporting (and, later, monitors, PRUNE, WISE merges)."""
+"""Cross-cutting behaviour of editing runs: reporting, condition-number monitoring, PRUNE restraint."""
 
+from callbacks.condition_number import ConditionNumberMonitor
+from callbacks.prune import PruneRestraint
 from callbacks.report import RunReport
 
-__all__ = ["RunReport"]
+__all__ = ["ConditionNumberMonitor", "PruneRestraint", "RunReport"]

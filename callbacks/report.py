@@ -87,6 +87,11 @@ class RunReport(Callback):
                 else f"every {val_interval} steps and at the end",
             },
             "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
+            "spectral": {  # the last values of ConditionNumberMonitor, when one is attached
+                key.removeprefix("spectral/"): float(value)
+                for key, value in trainer.callback_metrics.items()
+                if key.startswith("spectral/")
+            },
             "history": self.evaluations,
             "steps": self.step_times,
             "timing": {

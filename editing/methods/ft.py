@@ -1,4 +1,4 @@
-"""FT-L: constrained fine-tuning of one MLP output projection (the baseline of ROME, Meng et al., 2022, arXiv 2202.05262).
+"""FT-L: constrained fine-tuning of one MLP output projection (ROME's baseline; Meng et al., 2022, arXiv 2202.05262).
 
 Each step runs a few Adam steps on the weight of a single MLP output projection, minimising the teacher-forced NLL of
 ``target_new`` after the request prompt, and after every step clamps the change from the *original* weight to an L-inf

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from editing.methods import FineTune
 from editing.metrics import score_targets
+from main import cli_main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _prob(model, tokenizer, request) -> float:
@@ -59,9 +66,23 @@ def test_unconstrained_fine_tuning_moves_further(tiny_llama, char_tokenizer, tin
     assert (weight.parameter - original).abs().max() > 0.1
 
 
+def test_bfloat16_model_trains_through_a_float32_master_copy(tiny_llama, char_tokenizer, tiny_requests, bind):
+    model = tiny_llama.to(torch.bfloat16)
+    method = bind(FineTune(layer=2, lr=0.05, steps=15, norm_constraint=0.05, stop_loss=0.0), model)
+    (weight,) = method.edited_weights().values()
+    original = weight.parameter.detach().clone()
+    request = tiny_requests[0]
+    p_before = _prob(model, char_tokenizer, request)
+    with torch.no_grad():
+        method.apply([request], method.prepare([request]))
+    assert weight.parameter.dtype == torch.bfloat16
+    assert _prob(model, char_tokenizer, request) > 5 * p_before
+    assert (weight.parameter.float() - original.float()).abs().max() <= 0.05 + 2**-7  # bound + bfloat16 rounding
+
+
 def test_default_layer_and_early_stop(tiny_llama, char_tokenizer, tiny_requests, bind):
     method = bind(FineTune(lr=0.05, steps=50, norm_constraint=None, stop_loss=100.0), tiny_llama)
-    assert method.layer == 1  # middle of default_mlp_layers (blocks 1-3 of 4)
+    assert method.layer == 2  # the middle of default_mlp_layers: blocks 1, 2, 3 of 4
     with torch.no_grad():
         method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
     assert method.step_log()["train/ft_steps"] == 0  # the loss was already below stop_loss
@@ -69,8 +90,59 @@ def test_default_layer_and_early_stop(tiny_llama, char_tokenizer, tiny_requests,
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"lr": 0.0}, "lr"), ({"steps": 0}, "steps"), ({"norm_constraint": -1.0}, "norm_constraint"), ({"layer": -1}, "layer")],
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"steps": 0}, "steps"),
+        ({"norm_constraint": -1.0}, "norm_constraint"),
+        ({"layer": -1}, "layer"),
+    ],
 )
 def test_arguments_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         FineTune(**kwargs)
+
+
+def test_cli_run_with_the_condition_number_monitor(tmp_path, tiny_llama, char_tokenizer, tiny_requests):
+    """configs/ft.yaml end to end on the tiny model, with the monitor keeping its own originals (no PRUNE)."""
+    tiny_llama.save_pretrained(tmp_path / "model")
+    char_tokenizer.save_pretrained(tmp_path / "model")
+    records = [
+        {"case_id": r.case_id, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+         "target_true": r.target_true}
+        for r in tiny_requests
+    ]  # fmt: skip
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    root = tmp_path / "run"
+    cli_main(
+        [
+            "fit",
+            "--config", str(REPO / "configs" / "ft.yaml"),
+            "--model.model_name", str(tmp_path / "model"),
+            "--model.cache_dir", str(tmp_path / "cache"),
+            "--model.method.init_args.layer", "1",
+            "--model.method.init_args.lr", "0.05",
+            "--model.method.init_args.steps", "5",
+            "--model.method.init_args.norm_constraint", "0.05",
+            "--data.path", str(tmp_path / "edits.jsonl"),
+            "--data.edits_per_step", "1",
+            "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=callbacks.ConditionNumberMonitor",
+        ]
+    )  # fmt: skip
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["method"] == "FineTune" and summary["protocol"]["total_edits"] == 3
+    assert set(summary["timing"]["split"]) == {"targets", "keys", "solve"}
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    weight = checkpoint["state_dict"]["model.model.layers.1.mlp.down_proj.weight"]
+    assert [k for k in checkpoint["state_dict"] if k.startswith("model.")] == [
+        "model.model.layers.1.mlp.down_proj.weight"
+    ]
+    original = tiny_llama.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert 0 < (weight - original).abs().max() <= 0.05 + 1e-6
+    rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
+    assert {"train/ft_loss", "spectral/layer_01/kappa", "spectral/layer_01/delta_fro"} <= set(rows[0])
+    s = torch.linalg.svdvals(weight.double())
+    assert summary["spectral"]["layer_01/kappa"] == pytest.approx(float(s[0] / s[-1]), rel=1e-5)
+    assert summary["spectral"]["layer_01/delta_fro"] == pytest.approx(float((weight - original).norm()), rel=1e-4)
+    assert "restrained" not in " ".join(summary["spectral"])  # no PRUNE in this run

@@ -1,0 +1,417 @@
+"""``PruneRestraint``: PRUNE's restraint on the condition number of edited matrices (Ma et al., 2024, arXiv 2405.16821).
+
+Sequential edits accumulate a perturbation ``Delta_n = W_n - W`` of every edited matrix, against its original ``W``.
+Its largest singular values grow past those of ``W`` and inflate the condition number, which is what breaks the
+model's other knowledge. PRUNE bounds them: with ``Delta_n = U S V^T`` every singular value ``s >= sigma_max(W)`` is
+replaced by ``F(s) = sigma_max(W) + log_alpha(s / sigma_max(W))`` and the restrained matrix is ``W + U F(S) V^T``; it
+replaces ``W_n`` (DESIGN.md section 7). Only the top singular triplets change, so a truncated SVD is enough.
+
+The callback never changes how a method computes its update (STYLE.md section 2.4); it decides when weights are
+restrained: before every evaluation and export (``posthoc``, the paper's protocol) or every k edit steps (``inloop``,
+an extension that the paper did not evaluate).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+Alpha = float | Literal["e", "linear"]
+
+
+def restraint_function(s: torch.Tensor, sigma_max: float, alpha: Alpha = "e") -> torch.Tensor:
+    """PRUNE's ``F``: singular values ``s >= sigma_max`` become ``sigma_max + log_alpha(s / sigma_max)``.
+
+    ``alpha="linear"`` is the ablation ``(s + sigma_max) / 2``. Values below ``sigma_max`` are returned unchanged, and
+    ``F(sigma_max) = sigma_max``, so ``F`` is continuous at the threshold.
+
+    Note that ``F`` is not scale-free: its slope at the threshold is ``1 / (sigma_max ln alpha)``, so for
+    ``sigma_max < 1 / ln(alpha)`` it raises values just above the threshold instead of lowering them.
+
+    Example:
+        >>> restraint_function(torch.tensor([1.0, 2.0, 2.0 * math.e]), 2.0)
+        tensor([1., 2., 3.])
+    """
+    if alpha == "linear":
+        restrained = (s + sigma_max) / 2
+    else:
+        base = math.e if alpha == "e" else float(alpha)
+        restrained = sigma_max + torch.log(s / sigma_max) / math.log(base)
+    return torch.where(s >= sigma_max, restrained, s)
+
+
+def randomized_svd(
+    M: torch.Tensor, k: int, niter: int = 4, oversample: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triplets of ``M: (m, n)`` by a randomized range finder with power iterations.
+
+    Halko, Martinsson and Tropp (2011), algorithms 4.4 + 5.1: sketch ``M G`` with ``k + oversample`` Gaussian columns,
+    re-orthonormalise through ``niter`` power iterations, then take the exact SVD of ``Q^T M``. The estimated singular
+    values are lower bounds that converge fast when the spectrum is separated. Uses its own ``generator`` so the
+    global random state (and so a run's editing trajectory) is untouched.
+
+    Returns:
+        ``U: (m, k)``, ``S: (k,)`` descending, ``V: (n, k)`` with ``M ~ U diag(S) V^T``.
+    """
+    m, n = M.shape
+    q = min(k + oversample, m, n)
+    G = torch.randn(n, q, dtype=M.dtype, device=M.device, generator=generator)  # (n, q)
+    Q = torch.linalg.qr(M @ G).Q  # (m, q)
+    for _ in range(niter):
+        Q = torch.linalg.qr(M.mT @ Q).Q  # (n, q)
+        Q = torch.linalg.qr(M @ Q).Q  # (m, q)
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)  # (q, q), (q,), (q, n)
+    return (Q @ Ub)[:, :k], S[:k], Vh[:k].mT
+
+
+def singular_triplets_above(
+    M: torch.Tensor,
+    threshold: float,
+    rank: int = 8,
+    niter: int = 4,
+    full_svd: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every singular triplet of ``M`` whose value is ``>= threshold`` (and no others).
+
+    A truncated SVD is exact for this purpose only if it reaches below the threshold: the rank starts at ``rank`` and
+    doubles until the smallest computed value is below ``threshold``; once it would cover half the spectrum (or with
+    ``full_svd``) the full SVD is used instead.
+
+    Returns:
+        ``U: (m, r)``, ``S: (r,)``, ``V: (n, r)`` of the ``r`` values ``>= threshold``.
+    """
+    smallest = min(M.shape)
+    k = max(1, rank)
+    while True:
+        if full_svd or 2 * k >= smallest:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            V = Vh.mT
+            break
+        U, S, V = randomized_svd(M, k, niter, generator=generator)
+        if S[-1] < threshold:
+            break
+        k *= 2
+    keep = S >= threshold
+    return U[:, keep], S[keep], V[:, keep]
+
+
+def restrain(
+    original: torch.Tensor,
+    current: torch.Tensor,
+    sigma_max: float,
+    alpha: Alpha = "e",
+    rank: int = 8,
+    niter: int = 4,
+    full_svd: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """PRUNE's restrained weight ``W + U F(S) V^T`` for ``Delta = current - original = U S V^T``, in float64.
+
+    Triplets with ``s < sigma_max`` keep ``F(s) = s``, so with the ``r`` restrained triplets ``(U_r, S_r, V_r)`` the
+    result equals ``W + Delta + U_r (F(S_r) - S_r) V_r^T`` exactly; that form needs only the top triplets. The result
+    replaces ``current``; it is not an update to add to it.
+
+    Args:
+        original: ``W``, the unedited matrix (any layout; singular values do not depend on it).
+        current: ``W_n``, the same matrix after ``n`` edits.
+        sigma_max: ``sigma_max(W)``, the threshold.
+        alpha, rank, niter, full_svd, generator: see :func:`restraint_function` and :func:`singular_triplets_above`.
+
+    Returns:
+        The restrained matrix (float64, shape of ``current``) and the number of restrained singular values.
+    """
+    W = original.double()
+    delta = current.double() - W
+    U, S, V = singular_triplets_above(delta, sigma_max, rank, niter, full_svd, generator)
+    restrained = W + delta
+    if S.numel():
+        restrained += (U * (restraint_function(S, sigma_max, alpha) - S)) @ V.mT
+    return restrained, int(S.numel())
+
+
+def spectral_norm(M: torch.Tensor) -> float:
+    """``sigma_max(M)`` exactly, in float64 (computed once per matrix; see ``ConditionNumberMonitor`` for cheaper
+    repeated estimates)."""
+    return float(torch.linalg.matrix_norm(M.double(), ord=2))
+
+
+class _OriginalWeights(Callback):
+    """Keeps the unedited value ``W`` of every edited matrix, for callbacks that measure ``W_n - W``.
+
+    The snapshot is taken at ``on_fit_start`` (or, in a ``validate`` run of an unedited model, at
+    ``on_validation_start``) unless a checkpoint restored it. It travels in this callback's checkpoint entry
+    ``checkpoint["callbacks"][state_key]["originals"]`` as plain tensors (``torch.load(weights_only=True)`` works).
+    """
+
+    def __init__(self) -> None:
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def _edited(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
+        """The edited parameters, by module name (parameter layout)."""
+        return {name: w.parameter for name, w in pl_module.method.edited_weights().items()}
+
+    def _ensure_originals(self, pl_module: LightningModule) -> bool:
+        """Snapshot or check the originals; ``False`` when they cannot be known (a resumed run without them)."""
+        edited = self._edited(pl_module)
+        if self.originals:
+            if set(self.originals) != set(edited):
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint holds original weights of {sorted(self.originals)}, but "
+                    f"the method edits {sorted(edited)}; resume with the same layers"
+                )
+            self.originals = {name: w.to(edited[name].device) for name, w in self.originals.items()}
+            return True
+        if int(pl_module.edits_done) > 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: the model holds {int(pl_module.edits_done)} edits but the checkpoint has no "
+                "original weights for this callback; it stays inactive (add it from the start of the stream)"
+            )
+            return False
+        self.originals = {name: p.detach().clone() for name, p in edited.items()}
+        self._on_originals(pl_module)
+        return True
+
+    def _on_originals(self, pl_module: LightningModule) -> None:
+        """Hook for derived quantities of a fresh snapshot."""
+
+    def _payload(self) -> dict[str, Any]:
+        return {"originals": self.originals}
+
+    def _load_payload(self, payload: dict[str, Any]) -> None:
+        self.originals = dict(payload.get("originals", {}))
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.originals:
+            checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {}).update(self._payload())
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        entry = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if "originals" in entry:
+            self._load_payload(entry)
+
+
+class PruneRestraint(_OriginalWeights):
+    """PRUNE: restrain the large singular values of the accumulated edit ``W_n - W`` of every edited matrix.
+
+    - ``posthoc`` (the paper's protocol): editing always continues from the unrestrained weights ``W_n``; the
+      restrained ones are swapped in at ``on_validation_epoch_start`` and swapped out at ``on_validation_epoch_end``
+      (as Lightning's ``WeightAveraging`` does), and written by ``export_dir``. Checkpoints hold ``W_n``.
+    - ``inloop`` (an extension the paper did not evaluate): every ``every_n_steps`` edit steps the restrained weights
+      replace ``W_n`` and editing continues from them.
+
+    Place it before ``ConditionNumberMonitor`` in ``trainer.callbacks`` so that, in ``inloop`` mode, the monitor sees
+    the restrained weights of a step; the monitor then also logs ``spectral/layer_NN/restrained``.
+
+    Args:
+        mode: ``posthoc`` or ``inloop`` (see above).
+        alpha: base of the logarithm in ``F``: ``e`` (the paper's default), a number > 1 (the paper also uses 2, 1.5
+            and 1.2), or ``linear`` for ``F(s) = (s + sigma_max) / 2``.
+        every_n_steps: in ``inloop`` mode, restrain after every this many edit steps.
+        rank: initial rank of the truncated SVD of ``W_n - W`` (doubled until it reaches below the threshold).
+        niter: power iterations of the randomized SVD (more: more accurate top triplets).
+        full_svd: use the full SVD instead of the truncated one (exact, slower on large matrices).
+        export_dir: at the end of ``fit``, save the model with restrained weights here (``save_pretrained``).
+    """
+
+    def __init__(
+        self,
+        mode: Literal["posthoc", "inloop"] = "posthoc",
+        alpha: float | Literal["e", "linear"] = "e",
+        every_n_steps: int = 1,
+        rank: int = 8,
+        niter: int = 4,
+        full_svd: bool = False,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("posthoc", "inloop"):
+            raise ValueError(f"mode: expected 'posthoc' or 'inloop', got {mode!r}")
+        if isinstance(alpha, str):
+            if alpha not in ("e", "linear"):
+                raise ValueError(f"alpha: expected 'e', 'linear' or a number > 1, got {alpha!r}")
+        elif isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 1:
+            raise ValueError(f"alpha: expected 'e', 'linear' or a number > 1, got {alpha!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps: must be >= 1, got {every_n_steps}")
+        if rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {rank}")
+        if niter < 0:
+            raise ValueError(f"niter: must be >= 0, got {niter}")
+        self.mode = mode
+        self.alpha: Alpha = alpha if isinstance(alpha, str) else float(alpha)
+        self.every_n_steps = every_n_steps
+        self.rank = rank
+        self.niter = niter
+        self.full_svd = full_svd
+        self.export_dir = export_dir
+        self.sigma_max: dict[str, float] = {}  # sigma_max(W) of every original
+        self.restrained: dict[str, int] = {}  # restrained singular values at the last restraint
+        self.restraints = 0  # how many times weights were restrained
+        self._shadow: dict[str, torch.Tensor] = {}  # posthoc: the unrestrained W_n while restrained ones are in use
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, alpha=self.alpha, every_n_steps=self.every_n_steps)
+
+    # -- policy --------------------------------------------------------------------------------------------------
+    def should_restrain(self, step: int) -> bool:
+        """Whether to restrain after ``step`` completed edit steps (``inloop``), or for an evaluation or export at
+        ``step`` (``posthoc``: always). Override to change the schedule."""
+        if self.mode == "posthoc":
+            return True
+        return step > 0 and step % self.every_n_steps == 0
+
+    # -- the restraint -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def restrained_weights(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        """``W + U F(S) V^T`` of every edited matrix from its current value ``W_n`` (in the parameter's dtype and
+        layout); records the number of restrained values in :attr:`restrained`."""
+        out = {}
+        for name, param in self._edited(pl_module).items():
+            generator = torch.Generator(device=param.device).manual_seed(0)
+            value, count = restrain(
+                self.originals[name],
+                param,
+                self.sigma_max[name],
+                self.alpha,
+                self.rank,
+                self.niter,
+                self.full_svd,
+                generator,
+            )
+            out[name] = value.to(param.dtype)
+            self.restrained[name] = count
+        return out
+
+    @torch.no_grad()
+    def count_restrained(self, pl_module: LightningModule) -> dict[str, int]:
+        """Singular values of ``W_n - W`` at or above ``sigma_max(W)`` now: those a restraint changes (``posthoc``),
+        or has changed (``inloop``: ``F(s) >= sigma_max``, so restrained values stay counted)."""
+        counts = {}
+        for name, param in self._edited(pl_module).items():
+            generator = torch.Generator(device=param.device).manual_seed(0)
+            delta = param.double() - self.originals[name].double()
+            _, S, _ = singular_triplets_above(
+                delta, self.sigma_max[name], self.rank, self.niter, self.full_svd, generator
+            )
+            counts[name] = int(S.numel())
+        return counts
+
+    @torch.no_grad()
+    def _swap_in(self, pl_module: LightningModule) -> None:
+        """Posthoc: keep ``W_n`` aside and put the restrained weights in its place."""
+        params = self._edited(pl_module)
+        restrained = self.restrained_weights(pl_module)
+        self._shadow = {name: params[name].detach().clone() for name in restrained}
+        for name, value in restrained.items():
+            params[name].copy_(value)
+        self.restraints += 1
+
+    @torch.no_grad()
+    def _swap_out(self, pl_module: LightningModule) -> None:
+        """Posthoc: put ``W_n`` back."""
+        params = self._edited(pl_module)
+        for name, value in self._shadow.items():
+            params[name].copy_(value)
+        self._shadow = {}
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _on_originals(self, pl_module: LightningModule) -> None:
+        self.sigma_max = {name: spectral_norm(w) for name, w in self.originals.items()}
+        if self.alpha == "linear":
+            return
+        log_base = math.log(math.e if self.alpha == "e" else self.alpha)
+        for name, sigma in self.sigma_max.items():
+            if sigma * log_base < 1:
+                rank_zero_warn(
+                    f"PruneRestraint: sigma_max(W) = {sigma:.3g} of {name} is below 1 / ln(alpha); F then raises "
+                    "singular values just above the threshold (see docs/prune.md)"
+                )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_originals(pl_module)
+        rank_zero_info(f"PruneRestraint: {self.mode} mode, alpha={self.alpha}, on {sorted(self.originals)}")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # no on_fit_start: restored (or unedited) originals, checked here
+            self._ensure_originals(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.mode != "inloop" or not self.originals or not self.should_restrain(trainer.global_step):
+            return
+        params = self._edited(pl_module)
+        for name, value in self.restrained_weights(pl_module).items():
+            params[name].copy_(value)
+        self.restraints += 1
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode != "posthoc" or trainer.sanity_checking or not self.originals or self._shadow:
+            return
+        if self.should_restrain(trainer.global_step):
+            self._swap_in(pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._shadow:
+            self._swap_out(pl_module)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.export_dir is None or not self.originals:
+            return
+        swap = self.mode == "posthoc" and self.should_restrain(trainer.global_step)
+        if swap:
+            self._swap_in(pl_module)
+        try:
+            if trainer.is_global_zero:
+                path = Path(self.export_dir)
+                pl_module.model.save_pretrained(path)
+                pl_module.tokenizer.save_pretrained(path)
+                rank_zero_info(f"PruneRestraint: exported the restrained model to {path}")
+        finally:
+            if swap:
+                self._swap_out(pl_module)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"restrained": dict(self.restrained), "restraints": self.restraints}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restrained = dict(state_dict.get("restrained", {}))
+        self.restraints = state_dict.get("restraints", 0)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"originals": self.originals, "sigma_max": dict(self.sigma_max)}
+
+    def _load_payload(self, payload: dict[str, Any]) -> None:
+        super()._load_payload(payload)
+        self.sigma_max = dict(payload.get("sigma_max", {})) or {n: spectral_norm(w) for n, w in self.originals.items()}
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._shadow:  # saved mid-evaluation: the checkpoint must hold W_n, from which editing continues
+            for name, value in self._shadow.items():
+                checkpoint["state_dict"][f"model.{name}.weight"] = value.detach().clone()
