@@ -5,6 +5,9 @@ Nothing here touches the network or the real 135M model; every model is built fr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -208,3 +211,36 @@ def edit_and_check(char_tokenizer):
         )
 
     return _edit
+
+
+_TINY_RUN_REQUESTS = [
+    {
+        "case_id": f"t{i}",
+        "prompt": "The home of {} is",
+        "subject": subject,
+        "target_new": new,
+        "target_true": true,
+        "rephrase_prompts": [f"{subject} lives in"],
+        "locality": [{"prompt": "The sky is", "answer": "blue"}],
+    }
+    for i, (subject, new, true) in enumerate([("Ann", "Rome", "Oslo"), ("Bob", "Lima", "Kyiv"), ("Cy", "Baku", "Riga")])
+]
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_llama, char_tokenizer) -> dict[str, Path]:
+    """A saved tiny model, a request file and a corpus: everything a CLI run needs, offline."""
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama.save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "edits.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _TINY_RUN_REQUESTS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about the weather and cities." for i in range(40)))
+    return {"model": model_dir, "data": data, "corpus": corpus, "root": tmp_path / "run", "cache": tmp_path / "cache"}
+
+
+@pytest.fixture
+def tiny_run_requests() -> list[dict]:
+    """The canonical records that ``tiny_run`` writes to its request file."""
+    return [dict(r) for r in _TINY_RUN_REQUESTS]

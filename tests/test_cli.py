@@ -14,32 +14,6 @@ from main import cli_main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
-REQUESTS = [
-    {
-        "case_id": f"t{i}",
-        "prompt": "The home of {} is",
-        "subject": subject,
-        "target_new": new,
-        "target_true": true,
-        "rephrase_prompts": [f"{subject} lives in"],
-        "locality": [{"prompt": "The sky is", "answer": "blue"}],
-    }
-    for i, (subject, new, true) in enumerate([("Ann", "Rome", "Oslo"), ("Bob", "Lima", "Kyiv"), ("Cy", "Baku", "Riga")])
-]
-
-
-@pytest.fixture
-def tiny_run(tmp_path: Path, tiny_llama, char_tokenizer) -> dict[str, Path]:
-    """A saved tiny model, a request file and a corpus: everything a CLI run needs, offline."""
-    model_dir = tmp_path / "tiny-model"
-    tiny_llama.save_pretrained(model_dir)
-    char_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "edits.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in REQUESTS))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about the weather and cities." for i in range(40)))
-    return {"model": model_dir, "data": data, "corpus": corpus, "root": tmp_path / "run", "cache": tmp_path / "cache"}
-
 
 def _args(run: dict[str, Path], method: str = "lyaplock", root: Path | None = None, *extra: str) -> list[str]:
     return [
@@ -120,8 +94,10 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> N
         ({"prompt": "The home of Ann is", "subject": "Zed"}, r"record 0 .*subject .Zed. does not occur"),
     ],
 )
-def test_bad_request_fails_before_anything_is_written(tiny_run: dict[str, Path], record: dict, message: str) -> None:
-    tiny_run["data"].write_text(json.dumps({**REQUESTS[0], **record}))
+def test_bad_request_fails_before_anything_is_written(
+    tiny_run: dict[str, Path], tiny_run_requests: list[dict], record: dict, message: str
+) -> None:
+    tiny_run["data"].write_text(json.dumps({**tiny_run_requests[0], **record}))
     with pytest.raises(ValueError, match=message):
         cli_main(_args(tiny_run))
     assert not tiny_run["root"].exists()

@@ -234,32 +234,6 @@ def test_state_key():
 
 
 # -- whole runs through the CLI ----------------------------------------------------------------------------------------
-REQUESTS = [
-    {
-        "case_id": f"t{i}",
-        "prompt": "The home of {} is",
-        "subject": subject,
-        "target_new": new,
-        "target_true": true,
-        "rephrase_prompts": [f"{subject} lives in"],
-        "locality": [{"prompt": "The sky is", "answer": "blue"}],
-    }
-    for i, (subject, new, true) in enumerate([("Ann", "Rome", "Oslo"), ("Bob", "Lima", "Kyiv"), ("Cy", "Baku", "Riga")])
-]
-
-
-@pytest.fixture
-def tiny_run(tmp_path: Path, tiny_llama, char_tokenizer) -> dict[str, Path]:
-    model_dir = tmp_path / "tiny-model"
-    tiny_llama.save_pretrained(model_dir)
-    char_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "edits.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in REQUESTS))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about the weather and cities." for i in range(40)))
-    return {"model": model_dir, "data": data, "corpus": corpus, "cache": tmp_path / "cache"}
-
-
 def _args(run: dict[str, Path], config: str, root: Path, *extra: str) -> list[str]:
     """MEMIT on blocks 1-2 of the tiny model with a small lambda, so the accumulated edit of block 2 outgrows
     sigma_max(W) within three edits, evaluated after every step."""
