@@ -182,6 +182,8 @@ class LocateThenEdit(EditMethod):
 
     def step_log(self) -> dict[str, float]:
         result = self._last_targets
+        if result is None:
+            return {}
         return {
             "train/target_prob": sum(result.prob) / len(result.prob),
             "train/target_steps": sum(result.steps) / len(result.steps),

@@ -47,7 +47,6 @@ class LyapLock(LocateThenEdit):
             raise ValueError(f"V: must be positive, got {V}")
         self.alpha = alpha
         self.V = V
-        self._budget_ratio: dict[int, float] = {}  # D(W) / (alpha D_base) after the last step, per edited layer
 
     def setup_state(self) -> None:
         for i, w in enumerate(self.edited_weights().values()):
@@ -55,12 +54,14 @@ class LyapLock(LocateThenEdit):
             dev = w.parameter.device
             self.register_buffer(f"queue_{i}", torch.ones((), dtype=torch.float64, device=dev))
             self.register_buffer(f"d_base_{i}", torch.zeros((), dtype=torch.float64, device=dev))
+            # D(W) / (alpha D_base) after the last step: the share of the preservation budget in use
+            self.register_buffer(f"budget_ratio_{i}", torch.zeros((), dtype=torch.float64, device=dev))
             self.register_buffer(f"svk_{i}", torch.zeros(d_v, d_k, dtype=torch.float64, device=dev))
             self.register_buffer(f"skk_{i}", torch.zeros(d_k, d_k, dtype=torch.float64, device=dev))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def state(self, i: int, name: str) -> torch.Tensor:
-        """Per-layer state tensor ``name`` in {queue, d_base, svk, skk} of edited layer ``i``."""
+        """Per-layer state tensor ``name`` in {queue, d_base, budget_ratio, svk, skk} of edited layer ``i``."""
         return getattr(self, f"{name}_{i}")
 
     def solve(self, i: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class LyapLock(LocateThenEdit):
         D = preservation_loss(W, self.w0(i).double(), self.c0(i))
         if self.steps_done == 0:
             self.state(i, "d_base").copy_(D.clamp(min=torch.finfo(torch.float64).tiny))
-        self._budget_ratio[i] = float(D / (self.alpha * self.state(i, "d_base")))
+        self.state(i, "budget_ratio").copy_(D / (self.alpha * self.state(i, "d_base")))
         queue = self.state(i, "queue")
         queue.copy_(next_queue(queue, D, self.alpha, self.state(i, "d_base")))
 
@@ -91,5 +92,5 @@ class LyapLock(LocateThenEdit):
         values = super().step_log()
         for i, layer in enumerate(self.layers):
             values[f"lyaplock/layer_{layer:02d}/queue"] = float(self.state(i, "queue"))
-            values[f"lyaplock/layer_{layer:02d}/budget_ratio"] = self._budget_ratio.get(i, 0.0)
+            values[f"lyaplock/layer_{layer:02d}/budget_ratio"] = float(self.state(i, "budget_ratio"))
         return values

@@ -136,7 +136,7 @@ def test_step_one_sets_d_base_and_budget():
         assert float(method.state(i, "d_base")) == pytest.approx(d1, rel=1e-10)
         # D(W1) / (alpha D_base) = 1 / alpha < 1: the queue stays at its floor
         assert float(method.state(i, "queue")) == 1.0
-        assert method._budget_ratio[i] == pytest.approx(1.0 / alpha)
+        assert float(method.state(i, "budget_ratio")) == pytest.approx(1.0 / alpha)
 
 
 # -- steps t >= 2 ----------------------------------------------------------------------------------------------------
