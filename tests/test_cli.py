@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_fit_args
 
 from main import cli_main
 
@@ -16,23 +17,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def _args(run: dict[str, Path], method: str = "lyaplock", root: Path | None = None, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / f"{method}.yaml"),
-        "--model.model_name", str(run["model"]),
-        "--model.cache_dir", str(run["cache"]),
-        "--model.method.init_args.layers", "[1, 2]",
-        "--model.method.init_args.stats_corpus", str(run["corpus"]),
-        "--model.method.init_args.stats_tokens", "300",
-        "--model.method.init_args.context_seeds", "[The]",
-        "--model.method.init_args.context_length", "3",
-        "--model.method.init_args.target_steps", "5",
-        "--data.path", str(run["data"]),
-        "--data.edits_per_step", "1",
-        "--trainer.default_root_dir", str(root or run["root"]),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
+    return tiny_fit_args(run, method, root or run["root"], *extra)
 
 
 def _edited(checkpoint: Path) -> dict[str, torch.Tensor]:

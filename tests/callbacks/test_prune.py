@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_fit_args
 
 from callbacks import ConditionNumberMonitor, PruneRestraint
 from callbacks.prune import randomized_svd, restrain, restraint_function, singular_triplets_above
 from editing.methods import FineTune
 from main import cli_main
 
-REPO = Path(__file__).resolve().parents[2]
 ALPHAS = ["e", 2.0, 1.5, 1.2, "linear"]
 
 
@@ -237,26 +237,8 @@ def test_state_key():
 def _args(run: dict[str, Path], config: str, root: Path, *extra: str) -> list[str]:
     """MEMIT on blocks 1-2 of the tiny model with a small lambda, so the accumulated edit of block 2 outgrows
     sigma_max(W) within three edits, evaluated after every step."""
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / f"{config}.yaml"),
-        "--model.model_name", str(run["model"]),
-        "--model.cache_dir", str(run["cache"]),
-        "--model.method.init_args.layers", "[1, 2]",
-        "--model.method.init_args.mom2_weight", "1e-4",
-        "--model.method.init_args.target_lr", "2.0",
-        "--model.method.init_args.stats_corpus", str(run["corpus"]),
-        "--model.method.init_args.stats_tokens", "300",
-        "--model.method.init_args.context_seeds", "[The]",
-        "--model.method.init_args.context_length", "3",
-        "--model.method.init_args.target_steps", "5",
-        "--data.path", str(run["data"]),
-        "--data.edits_per_step", "1",
-        "--trainer.val_check_interval", "1",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
+    small_lambda = ["--model.method.init_args.mom2_weight", "1e-4", "--model.method.init_args.target_lr", "2.0"]
+    return tiny_fit_args(run, config, root, *small_lambda, "--trainer.val_check_interval", "1", *extra)
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:

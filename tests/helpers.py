@@ -1,0 +1,28 @@
+"""Shared helpers for tests that run the command line on the tiny model (see the ``tiny_run`` fixture)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_fit_args(run: dict[str, Path], config: str, root: Path, *extra: str) -> list[str]:
+    """``fit`` with a shipped config on blocks 1-2 of the tiny model, offline and small; ``extra`` overrides."""
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / f"{config}.yaml"),
+        "--model.model_name", str(run["model"]),
+        "--model.cache_dir", str(run["cache"]),
+        "--model.method.init_args.layers", "[1, 2]",
+        "--model.method.init_args.stats_corpus", str(run["corpus"]),
+        "--model.method.init_args.stats_tokens", "300",
+        "--model.method.init_args.context_seeds", "[The]",
+        "--model.method.init_args.context_length", "3",
+        "--model.method.init_args.target_steps", "5",
+        "--data.path", str(run["data"]),
+        "--data.edits_per_step", "1",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
