@@ -20,7 +20,8 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from editing.corpus import _file_texts, load_corpus
-from editing.stats import _token_chunks
+from editing.locate import pad_right
+from editing.stats import token_chunks
 
 
 @torch.no_grad()
@@ -35,13 +36,7 @@ def held_out_perplexity(
     nll, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
         batch = chunks[start : start + batch_size]
-        width = max(len(c) for c in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, c in enumerate(batch):
-            ids[i, : len(c)] = torch.tensor(c)
-            mask[i, : len(c)] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        ids, mask = pad_right(batch, pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (b, width, vocab)
         predicted = mask[:, 1:].bool()  # (b, width - 1): targets that are real tokens
         scores = logits[:, :-1][predicted].double()  # (tokens, vocab), only the predicted positions upcast
@@ -128,7 +123,7 @@ class HeldOutPerplexity(Callback):
     def _ensure_chunks(self, pl_module: LightningModule) -> None:
         if self.chunks is not None:
             return
-        chunks = _token_chunks(pl_module.tokenizer, self._texts(pl_module), self.tokens, self.seq_len)
+        chunks = token_chunks(pl_module.tokenizer, self._texts(pl_module), self.tokens, self.seq_len)
         if not chunks:
             raise ValueError(f"path: no held-out text of at least 8 tokens in {self.path or 'the model sample'}")
         self.chunks = chunks

@@ -81,6 +81,19 @@ class EncodedRows:
         return rows[valid], pos[valid], self.target_ids[valid]
 
 
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask``, both ``(B, longest)``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def target_token_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     """Token ids of a target as it continues a prompt: with one leading space and never a BOS."""
     return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
@@ -115,18 +128,14 @@ def encode_rows(
         rows.append(prompt_ids + tgt[:-1])
         last_prompt_pos.append(len(prompt_ids) - 1)
         target_lists.append(tgt)
-    width = max(len(r) for r in rows)
+    input_ids, attention_mask = pad_right(rows, tokenizer.pad_token_id, device)
     s = max(len(t) for t in target_lists)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
     target_ids = torch.full((n, s), -100, dtype=torch.long)
-    for i, (row, tgt) in enumerate(zip(rows, target_lists, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
+    for i, tgt in enumerate(target_lists):
         target_ids[i, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
     return EncodedRows(
-        input_ids.to(device),
-        attention_mask.to(device),
+        input_ids,
+        attention_mask,
         torch.tensor(subject_pos, device=device),
         torch.tensor(last_prompt_pos, device=device),
         target_ids.to(device),
@@ -310,8 +319,23 @@ class _ShiftedSuffix:
 
 
 def _log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities from final hidden states ``(N, d)``, LM head applied to these rows only."""
-    return model.get_output_embeddings()(hidden).log_softmax(-1)
+    """Next-token log-probabilities (float32) from final hidden states ``(N, d)``; the LM head runs on these only."""
+    return model.get_output_embeddings()(hidden).float().log_softmax(-1)
+
+
+def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced ``(log_p (N_tokens, V), row (N_tokens,), id (N_tokens,))`` at every real target token of
+    ``rows``; gradients flow when enabled."""
+    hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
+    r, p, ids = rows.target_positions()
+    return _log_softmax_at(model, hidden[r, p]), r, ids
+
+
+def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``(n_rows,)`` mean of ``values`` grouped by ``row`` (0 for a row without values)."""
+    total = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, values)
+    count = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, torch.ones_like(values))
+    return total / count.clamp(min=1)
 
 
 @dataclass
@@ -382,8 +406,7 @@ def compute_targets(
         log_p = _log_softmax_at(model, out[r, p - runner.start[r]])  # (N_tokens, V)
         token_lp = log_p.gather(1, ids[:, None])[:, 0]
         tok_owner = sub_owner[r]
-        n_tok = torch.zeros(n, device=dev).index_add(0, tok_owner, torch.ones_like(token_lp))
-        nll = torch.zeros(n, device=dev).index_add(0, tok_owner, -token_lp) / n_tok.clamp(min=1)
+        nll = mean_per_row(-token_lp, tok_owner, n)
         kl_idx = sub_kl.nonzero()[:, 0]
         kl_lp = _log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx] - runner.start[kl_idx]])
         kl = torch.zeros(n, device=dev).index_add(

@@ -20,7 +20,7 @@ import torch
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.locate import encode_rows
+from editing.locate import encode_rows, mean_per_row, target_log_probs
 from editing.requests import EditRequest
 
 
@@ -77,15 +77,11 @@ def score_targets(
         rows = encode_rows(
             tokenizer, prompts[start : start + batch_size], None, targets[start : start + batch_size], model.device
         )
-        hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
-        r, p, ids = rows.target_positions()
-        log_p = model.get_output_embeddings()(hidden[r, p]).float().log_softmax(-1)
+        log_p, r, ids = target_log_probs(model, rows)
         token_lp = log_p.gather(1, ids[:, None])[:, 0]
         top1 = log_p.argmax(-1)
         counts = (rows.target_ids >= 0).sum(1).tolist()
-        nll.append(
-            -torch.zeros(len(rows), device=r.device).index_add(0, r, token_lp) / rows.target_ids.new_tensor(counts)
-        )
+        nll.append(mean_per_row(-token_lp, r, len(rows)))
         predictions += list(top1.split(counts))
         correct += list((top1 == ids).split(counts))
     return TokenScores(torch.cat(nll).cpu(), [p.cpu() for p in predictions], [c.cpu() for c in correct])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
-from editing.locate import forward_until
+from editing.locate import forward_until, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _cache_path(cache_dir: Path, key: dict) -> Path:
     return cache_dir / "stats" / f"{name}.safetensors"
 
 
-def _token_chunks(
+def token_chunks(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, seq_len: int
 ) -> list[list[int]]:
     """Texts as ``seq_len``-token chunks (a text is cut, never joined with another), ``max_tokens`` in total."""
@@ -68,7 +68,7 @@ def collect_second_moments(
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
     """``E[k k^T]`` (float64, ``(d_k, d_k)``) of the input of each named module over non-padding corpus tokens."""
-    chunks = _token_chunks(tokenizer, texts, max_tokens, seq_len)
+    chunks = token_chunks(tokenizer, texts, max_tokens, seq_len)
     if not chunks:
         raise ValueError("stats corpus: no text to collect statistics from (the corpus is empty)")
     sums: dict[str, torch.Tensor] = {}
@@ -90,16 +90,9 @@ def collect_second_moments(
         with tqdm(total=total, desc="C0 statistics", unit="tok") as bar:
             for start in range(0, len(chunks), batch_size):
                 batch = chunks[start : start + batch_size]
-                width = max(len(c) for c in batch)
-                ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.bool)
-                for i, c in enumerate(batch):
-                    ids[i, : len(c)] = torch.tensor(c)
-                    mask[i, : len(c)] = True
-                mask_holder["mask"] = mask.to(model.device)
-                forward_until(
-                    model, module_names, input_ids=ids.to(model.device), attention_mask=mask.long().to(model.device)
-                )
+                ids, mask = pad_right(batch, tokenizer.pad_token_id, model.device)
+                mask_holder["mask"] = mask.bool()
+                forward_until(model, module_names, input_ids=ids, attention_mask=mask)
                 count += int(mask.sum())
                 bar.update(int(mask.sum()))
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.locate import EncodedRows, encode_rows
+from editing.locate import EncodedRows, encode_rows, mean_per_row, target_log_probs
 from editing.methods.base import EditMethod
 from editing.models import EditedWeight, default_mlp_layers
 from editing.requests import EditRequest
@@ -121,13 +121,8 @@ class FineTune(EditMethod):
 
     def target_nll(self, rows: EncodedRows) -> torch.Tensor:
         """``(B,)`` mean per-token NLL of each row's target, the LM head applied at target positions only."""
-        model = self._bound[0]
-        hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
-        r, p, ids = rows.target_positions()
-        log_p = model.get_output_embeddings()(hidden[r, p]).float().log_softmax(-1)  # (N_tokens, V)
-        token_nll = -log_p.gather(1, ids[:, None])[:, 0]
-        counts = torch.zeros(len(rows), device=r.device).index_add(0, r, torch.ones_like(token_nll))
-        return torch.zeros(len(rows), device=r.device).index_add(0, r, token_nll) / counts.clamp(min=1)
+        log_p, r, ids = target_log_probs(self._bound[0], rows)  # (N_tokens, V)
+        return mean_per_row(-log_p.gather(1, ids[:, None])[:, 0], r, len(rows))
 
     def step_log(self) -> dict[str, float]:
         return dict(self._log)
