@@ -1,0 +1,222 @@
+"""PRUNE on a long sequential MEMIT stream: kappa, efficacy, specificity and held-out perplexity against the number of
+edits, with and without the restraint, from one editing run.
+
+PRUNE's paper protocol (``posthoc``) edits the unrestrained weights and only evaluates restrained ones, so the editing
+trajectory is the same with and without it (tested bit for bit). One ``fit`` run therefore gives both curves:
+
+1. ``main.py fit`` with MEMIT, one edit per step, ``PruneRestraint`` (posthoc), ``ConditionNumberMonitor`` and
+   ``HeldOutPerplexity``, evaluated every ``--every`` edits (these evaluations see the **restrained** weights) and
+   checkpointed at the same steps;
+2. ``main.py validate`` of every checkpoint without PRUNE (the **unrestrained** weights at that point);
+3. kappa of the restrained matrices recomputed from each checkpoint (the monitor logs the unrestrained ones).
+
+Writes ``curves.json``, ``prune_curves.png`` and an offline W&B run with both series under ``--out``.
+
+    python benchmarks/prune_curves.py --limit 200 --every 40 --mom2-weight 100 --out runs/prune_curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from callbacks.prune import restrain  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+PRUNE_KEY = "PruneRestraint"
+SERIES = ("efficacy", "generalization", "specificity", "locality", "perplexity")
+
+
+def fit_config(opts: argparse.Namespace, root: Path) -> dict:
+    """MEMIT + (perplexity, PRUNE, monitor) in that order: perplexity must run while PRUNE's weights are swapped in."""
+    return {
+        "trainer": {
+            "default_root_dir": str(root / "fit"),
+            "val_check_interval": opts.every,
+            "callbacks": [
+                {"class_path": "callbacks.HeldOutPerplexity", "init_args": {"tokens": opts.ppl_tokens}},
+                {"class_path": "callbacks.PruneRestraint", "init_args": {"mode": "posthoc", "alpha": opts.alpha}},
+                {"class_path": "callbacks.ConditionNumberMonitor", "init_args": {"every_n_steps": 1}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(root / "fit" / "every"),
+                        "filename": "{step}",
+                        "every_n_train_steps": opts.every,
+                        "save_top_k": -1,
+                    },
+                },
+            ],
+        },
+        "model": {
+            "method": {
+                "class_path": "editing.methods.MEMIT",
+                "init_args": {"layers": [3, 4, 5, 6, 7], "mom2_weight": opts.mom2_weight},
+            }
+        },
+        "data": {
+            "path": str(DATA / "counterfact.json"),
+            "format": "counterfact",
+            "limit": opts.limit,
+            "edits_per_step": 1,
+        },
+    }
+
+
+def cli(args: list[str]) -> None:
+    print("+ python main.py", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "main.py", *args], cwd=REPO, check=True)
+
+
+def restrained_kappas(checkpoint: Path, alpha: str) -> dict[str, dict[str, float]]:
+    """Per edited matrix: kappa of ``W_n`` and of PRUNE's ``W + U F(S) V^T`` from a checkpoint."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    entry = next(v for k, v in ckpt["callbacks"].items() if k.startswith(PRUNE_KEY))
+    out = {}
+    for name, original in entry["originals"].items():
+        current = ckpt["state_dict"][f"model.{name}.weight"]
+        sigma_max = float(torch.linalg.matrix_norm(original.double(), ord=2))
+        restrained, count = restrain(original, current, sigma_max, alpha if alpha in ("e", "linear") else float(alpha))
+        layer = name.split(".")[2]
+        for label, w in (("unrestrained", current.double()), ("restrained", restrained)):
+            s = torch.linalg.svdvals(w)
+            out.setdefault(layer, {})[f"kappa_{label}"] = float(s.max() / s.min())
+        out[layer]["restrained_values"] = count
+        out[layer]["delta_2"] = float(torch.linalg.matrix_norm((current.double() - original.double()), ord=2))
+    return out
+
+
+def validation_metrics(summary: Path) -> dict[str, float]:
+    return json.loads(summary.read_text())["metrics"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=200, help="CounterFact edits, one per step")
+    parser.add_argument("--every", type=int, default=40, help="evaluate and checkpoint every this many edits")
+    parser.add_argument("--mom2-weight", type=float, default=15000.0, help="MEMIT's lambda")
+    parser.add_argument("--alpha", default="e")
+    parser.add_argument("--ppl-tokens", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "prune_curves")
+    parser.add_argument("--reuse", action="store_true", help="skip the fit / validate runs whose outputs exist")
+    opts = parser.parse_args()
+    if not (DATA / "counterfact.json").exists():
+        sys.exit(f"needs {DATA / 'counterfact.json'}")
+    out = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "fit.yaml"
+    config.write_text(yaml.safe_dump(fit_config(opts, out), sort_keys=False))
+
+    start = time.perf_counter()
+    if not (opts.reuse and (out / "fit" / "summary.json").exists()):
+        cli(["fit", "--config", str(config)])
+    fit_seconds = time.perf_counter() - start
+    fit_summary = json.loads((out / "fit" / "summary.json").read_text())
+    restrained_history = {int(h["edits"]): h for h in fit_summary["history"]}
+
+    points = []
+    for ckpt in sorted((out / "fit" / "every").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1])):
+        edits = int(ckpt.stem.split("=")[1])
+        root = out / f"validate_{edits}"
+        if not (opts.reuse and (root / "summary.json").exists()):
+            cli(
+                [
+                    "validate", "--config", "configs/memit.yaml",
+                    "--model.method.init_args.mom2_weight", str(opts.mom2_weight),
+                    "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
+                    "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
+                    "--trainer.default_root_dir", str(root),
+                    "--trainer.callbacks+=callbacks.HeldOutPerplexity",
+                    "--trainer.callbacks.tokens", str(opts.ppl_tokens),
+                    "--ckpt_path", str(ckpt),
+                ]
+            )  # fmt: skip
+        restrained = restrained_history.get(edits, {}).get("metrics", {})
+        points.append(
+            {
+                "edits": edits,
+                "unrestrained": validation_metrics(root / "summary.json"),
+                "restrained": restrained,
+                "spectral": restrained_kappas(ckpt, opts.alpha),
+            }
+        )
+    result = {
+        "protocol": f"MEMIT (lambda {opts.mom2_weight:g}, layers 3-7) on SmolLM2-135M, {opts.limit} CounterFact edits, "
+        f"one per step; PRUNE posthoc alpha={opts.alpha}; evaluated every {opts.every} edits on all edits so far",
+        "fit_seconds": fit_seconds,
+        "seconds_per_edit": fit_summary.get("timing", {}),
+        "points": points,
+    }
+    (out / "curves.json").write_text(json.dumps(result, indent=2))
+    print_table(points)
+    plot(points, out / "prune_curves.png", result["protocol"])
+    log_wandb(points, out)
+
+
+def print_table(points: list[dict]) -> None:
+    print(f"{'edits':>6} | {'kappa L7 raw/PRUNE':>20} | " + " | ".join(f"{s[:11]:>17}" for s in SERIES))
+    for p in points:
+        k = p["spectral"].get("7", next(iter(p["spectral"].values())))
+        cells = [
+            f"{p['unrestrained'].get(s, float('nan')):7.3f}/{p['restrained'].get(s, float('nan')):<8.3f}"
+            for s in SERIES
+        ]
+        print(f"{p['edits']:>6} | {k['kappa_unrestrained']:9.2f}/{k['kappa_restrained']:<9.2f} | " + " | ".join(cells))
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = [p["edits"] for p in points]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    layers = sorted(points[0]["spectral"], key=int)
+    for layer in layers:
+        axes[0].plot(edits, [p["spectral"][layer]["kappa_unrestrained"] for p in points], "-o", label=f"L{layer}")
+        axes[0].plot(edits, [p["spectral"][layer]["kappa_restrained"] for p in points], "--x", label=f"L{layer} PRUNE")
+    axes[0].set_title("condition number of W_n")
+    axes[0].legend(fontsize=6, ncol=2)
+    for ax, key in zip(axes[1:], ("efficacy", "specificity", "perplexity"), strict=True):
+        ax.plot(edits, [p["unrestrained"].get(key) for p in points], "-o", label="MEMIT")
+        ax.plot(edits, [p["restrained"].get(key) for p in points], "--x", label="MEMIT + PRUNE")
+        ax.set_title(key)
+        ax.legend()
+    for ax in axes:
+        ax.set_xlabel("edits")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def log_wandb(points: list[dict], out: Path) -> None:
+    """Both series as one offline W&B run (``wandb sync`` it to see the charts), x axis = edits."""
+    import wandb
+
+    run = wandb.init(project="lifelong-editing", name="prune_curves", dir=str(out), mode="offline", reinit=True)
+    run.define_metric("edits")
+    run.define_metric("*", step_metric="edits")
+    for p in points:
+        values = {"edits": p["edits"]}
+        for kind in ("unrestrained", "restrained"):
+            values.update({f"{kind}/{k}": v for k, v in p[kind].items() if isinstance(v, int | float)})
+        for layer, spectral in p["spectral"].items():
+            values.update({f"spectral/layer_{int(layer):02d}/{k}": v for k, v in spectral.items()})
+        run.log(values)
+    run.log({"curves": wandb.Image(str(out / "prune_curves.png"))})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
