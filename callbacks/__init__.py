@@ -1,8 +1,10 @@
-"""Cross-cutting behaviour of editing runs: reporting, condition-number monitoring, PRUNE restraint."""
+"""Cross-cutting behaviour of editing runs: reporting, condition-number monitoring, PRUNE restraint, WISE memory
+management and routing diagnostics."""
 
 from callbacks.condition_number import ConditionNumberMonitor
 from callbacks.perplexity import HeldOutPerplexity
 from callbacks.prune import PruneRestraint
 from callbacks.report import RunReport
+from callbacks.wise import RoutingMonitor, WiseMemory
 
-__all__ = ["ConditionNumberMonitor", "HeldOutPerplexity", "PruneRestraint", "RunReport"]
+__all__ = ["ConditionNumberMonitor", "HeldOutPerplexity", "PruneRestraint", "RoutingMonitor", "RunReport", "WiseMemory"]

@@ -237,7 +237,7 @@ def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> 
 
 
 @contextlib.contextmanager
-def _blocks_from(model: PreTrainedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+def blocks_from(model: PreTrainedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
     """Run only the blocks above ``layer``, feeding ``hidden`` (``(B, T, d)``) to the first of them.
 
     The block list is swapped for its upper slice and a pre-hook replaces the first upper block's input; embeddings
@@ -301,7 +301,7 @@ class _ShiftedSuffix:
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dummy = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # embeddings are replaced by `x`
-        with _blocks_from(self.model, self.layer, x):
+        with blocks_from(self.model, self.layer, x):
             return self.model.base_model(
                 input_ids=dummy, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
             )[0]
@@ -318,7 +318,7 @@ class _ShiftedSuffix:
                 cached.values = cached.values[..., : self.prefix_len, :].detach()
 
 
-def _log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities (float32) from final hidden states ``(N, d)``; the LM head runs on these only."""
     return model.get_output_embeddings()(hidden).float().log_softmax(-1)
 
@@ -328,7 +328,7 @@ def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.T
     ``rows``; gradients flow when enabled."""
     hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
     r, p, ids = rows.target_positions()
-    return _log_softmax_at(model, hidden[r, p]), r, ids
+    return log_softmax_at(model, hidden[r, p]), r, ids
 
 
 def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -384,7 +384,7 @@ def compute_targets(
         hidden = capture(model, rows, {block: "output"})[block]  # (B, T, d): residual stream after `layer`, run once
         kl_rows = rows.select(is_kl.nonzero()[:, 0])
         final = model.base_model(input_ids=kl_rows.input_ids, attention_mask=kl_rows.attention_mask)[0]
-        kl_init = _log_softmax_at(model, final[torch.arange(n, device=dev), kl_rows.last_prompt_pos])  # (n, V)
+        kl_init = log_softmax_at(model, final[torch.arange(n, device=dev), kl_rows.last_prompt_pos])  # (n, V)
     first_rows = torch.arange(0, n * n_t, n_t, device=dev)  # the bare-prompt row ("{}" template) of each request
     h0 = hidden[first_rows, rows.subject_pos[first_rows]]  # (n, d)
     max_norm = clamp_norm_factor * h0.norm(dim=1, keepdim=True)
@@ -403,12 +403,12 @@ def compute_targets(
         out = runner(delta[sub_owner])  # (B, S, d), suffix coordinates: position p is p - start
         tokens += int(runner.mask[:, runner.prefix_len :].sum())
         r, p, ids = sub.target_positions()  # essence rows have no targets
-        log_p = _log_softmax_at(model, out[r, p - runner.start[r]])  # (N_tokens, V)
+        log_p = log_softmax_at(model, out[r, p - runner.start[r]])  # (N_tokens, V)
         token_lp = log_p.gather(1, ids[:, None])[:, 0]
         tok_owner = sub_owner[r]
         nll = mean_per_row(-token_lp, tok_owner, n)
         kl_idx = sub_kl.nonzero()[:, 0]
-        kl_lp = _log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx] - runner.start[kl_idx]])
+        kl_lp = log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx] - runner.start[kl_idx]])
         kl = torch.zeros(n, device=dev).index_add(
             0, sub_owner[kl_idx], F.kl_div(kl_lp, kl_init[sub_owner[kl_idx]], log_target=True, reduction="none").sum(-1)
         )

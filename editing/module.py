@@ -109,7 +109,9 @@ class EditingModule(LightningModule):
         self.log_dict(values, batch_size=len(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return ClosedFormStep([w.parameter for w in self.method.edited_weights().values()], self.method)
+        params = [w.parameter for w in self.method.edited_weights().values()]
+        # A method that edits no model weight (WISE trains a side memory) still needs one parameter for the optimizer.
+        return ClosedFormStep(params or [nn.Parameter(torch.empty(0), requires_grad=False)], self.method)
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editing.locate import (
-    _blocks_from,
+    blocks_from,
     capture,
     compute_keys,
     compute_targets,
@@ -166,7 +166,7 @@ def test_compute_keys_is_template_average(tiny_llama, char_tokenizer, tiny_reque
         torch.testing.assert_close(K[:, j], torch.stack(per_template).mean(0), atol=1e-6, rtol=1e-5)
 
 
-# -- _blocks_from: skipping the lower blocks ---------------------------------------------------------------------
+# -- blocks_from: skipping the lower blocks ---------------------------------------------------------------------
 @pytest.mark.parametrize("layer", [0, 2])
 def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
     rows = encode_rows(char_tokenizer, ["The capital of Spain is", "Ed speaks"], targets=["Rome", "Dutch"])
@@ -180,12 +180,12 @@ def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
         )
         blocks = tiny_model.get_submodule(architecture_of(tiny_model).blocks)
         try:
-            with _blocks_from(tiny_model, layer, hidden):
+            with blocks_from(tiny_model, layer, hidden):
                 assert len(tiny_model.get_submodule(architecture_of(tiny_model).blocks)) == 3 - layer
                 upper = tiny_model(**inputs).logits
                 shifted = hidden.clone()
                 shifted[:, 3] += torch.randn_like(hidden[:, 3]) * hidden[:, 3].norm(dim=-1, keepdim=True)
-            with _blocks_from(tiny_model, layer, shifted):
+            with blocks_from(tiny_model, layer, shifted):
                 changed = tiny_model(**inputs).logits
         finally:
             handle.remove()
@@ -201,7 +201,7 @@ def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
 
 def test_blocks_from_rejects_top_layer(tiny_llama):
     with pytest.raises(ValueError, match="layers"):
-        with _blocks_from(tiny_llama, 3, torch.zeros(1, 1, 32)):
+        with blocks_from(tiny_llama, 3, torch.zeros(1, 1, 32)):
             pass
     assert len(tiny_llama.model.layers) == 4
 
@@ -341,7 +341,7 @@ def test_shifted_suffix_with_cached_prefix_equals_full_upper_run(tiny_model, cha
     shift = torch.randn(len(rows), tiny_model.config.hidden_size)
     shifted = hidden.clone()
     shifted[torch.arange(len(rows)), rows.subject_pos] += shift
-    with torch.no_grad(), _blocks_from(tiny_model, layer, shifted):
+    with torch.no_grad(), blocks_from(tiny_model, layer, shifted):
         full = tiny_model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)[0]
     runner = _ShiftedSuffix(tiny_model, layer, hidden, rows)
     for _ in range(2):  # the prefix cache is reused across calls

@@ -5,5 +5,6 @@ from editing.methods.base import EditMethod, LocateThenEdit
 from editing.methods.ft import FineTune
 from editing.methods.lyaplock import LyapLock
 from editing.methods.memit import MEMIT
+from editing.methods.wise import WISE
 
-__all__ = ["AlphaEdit", "EditMethod", "FineTune", "LocateThenEdit", "LyapLock", "MEMIT"]
+__all__ = ["AlphaEdit", "EditMethod", "FineTune", "LocateThenEdit", "LyapLock", "MEMIT", "WISE"]

@@ -1,0 +1,373 @@
+"""WISE: lifelong editing in a side memory with an activation router (Wang et al., 2024, arXiv 2405.14768).
+
+The main weights stay frozen. Edits train a side memory (a copy of one mid-to-late FFN down projection, kept as its
+task vector, :mod:`editing.side_memory`) through a random gradient mask of the current knowledge shard, with two
+losses: the target cross entropy over the edit prompt written behind model-generated prefixes, and a margin loss that
+makes the memory's activation score high on the edit and low on an irrelevant sentence:
+
+    max(0, s(x_i) - alpha) + max(0, beta - s(x_e)) + max(0, gamma - (s(x_e) - s(x_i)))
+
+The task vector is clamped to ``[-norm_constraint, norm_constraint]`` elementwise. Shard saves, TIES merges and
+WISE-Retrieve's sealed memories are scheduled by :class:`callbacks.WiseMemory`.
+
+Speed (DESIGN.md section 9): nothing below the side-memory block depends on the memory, so the block's input and the
+projection's input are captured once per edit without gradient; each iteration runs only the blocks from the
+side-memory block up, the LM head only at target positions, and all rows of all requests of a step in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from editing.locate import (
+    EncodedRows,
+    blocks_from,
+    capture,
+    encode_rows,
+    generate_context_templates,
+    log_softmax_at,
+    mean_per_row,
+)
+from editing.methods.base import EditMethod
+from editing.models import architecture_of, sample_text
+from editing.requests import EditRequest
+from editing.side_memory import SideMemory, export_edited, routing_scores
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
+POOL_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "There", "When", "After", "One", "Many")
+Texts = list[tuple[str, str]]
+
+
+def _pool_from_file(path: Path) -> list[str]:
+    """Irrelevant sentences from a ``.txt`` (one per line), ``.json`` or ``.jsonl`` file (``text``, or ZsRE's
+    ``loc`` + ``loc_ans``)."""
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        records = json.loads(path.read_text())
+    elif path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"irrelevant_pool: expected 'model', 'locality' or a .txt/.json/.jsonl file, got '{path}'")
+    texts = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"irrelevant_pool: {path.name}: record {i} is not an object")
+        if "text" in record:
+            texts.append(str(record["text"]).strip())
+        elif "loc" in record:
+            texts.append(f"{str(record['loc']).strip()} {str(record.get('loc_ans', '')).strip()}".strip())
+        else:
+            raise ValueError(f"irrelevant_pool: {path.name}: record {i} has neither field 'text' nor 'loc'")
+    return [t for t in texts if t]
+
+
+class WISE(EditMethod):
+    """WISE side-memory editing (the defaults are the paper's settings for Llama-2-7B).
+
+    Args:
+        module: the side-memory projection: a block index (its MLP output projection), a module path
+            (``model.layers.22.mlp.down_proj``), or ``None`` for the MLP output projection of the block at three
+            quarters of the depth.
+        lr: SGD learning rate on the side memory (1.0).
+        steps: maximum iterations per edit step (70).
+        stop_loss: stop an edit step once the total loss is below this (0.02).
+        stop_on_argmax: also stop once the new target is the argmax at every target token of every row and every
+            edit row meets the ``beta`` and ``gamma`` margins (this framework's early stop; ``false``: the paper's).
+        norm_constraint: elementwise bound on ``W' - W`` (1.0).
+        mask_density: fraction of entries a shard's gradient mask lets learn (0.2).
+        alpha, beta, gamma: the routing margins (5, 20, 10).
+        slack: threshold = ``slack * `` the lowest routing score of the memory's edits (0.88; 0.5 for Llama-3-8B).
+        prefixes, prefix_length: model-generated prefixes the edit is written behind (10 of 10 tokens), plus the
+            bare prompt.
+        irrelevant_pool: where the irrelevant sentence of each edit comes from: ``model`` (sentences sampled from the
+            unedited model, offline), ``locality`` (the request's own locality probes; note that they are also the
+            evaluation's locality probes), or a ``.txt``/``.json``/``.jsonl`` file (e.g. ZsRE training records, whose
+            ``loc`` questions the paper uses).
+        pool_size: sentences sampled for ``irrelevant_pool: model``.
+        replay: WISE-Retrieve: per step, this many edits of sealed memories join the irrelevant sentences, so a new
+            memory stays quiet on old edits and retrieval picks the memory that holds them.
+        long_input_max: inputs longer than this many tokens are scored by their maximum token score.
+        seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
+    """
+
+    def __init__(
+        self,
+        module: int | str | None = None,
+        lr: float = 1.0,
+        steps: int = 70,
+        stop_loss: float = 0.02,
+        stop_on_argmax: bool = True,
+        norm_constraint: float = 1.0,
+        mask_density: float = 0.2,
+        alpha: float = 5.0,
+        beta: float = 20.0,
+        gamma: float = 10.0,
+        slack: float = 0.88,
+        prefixes: int = 10,
+        prefix_length: int = 10,
+        irrelevant_pool: str = "model",
+        pool_size: int = 100,
+        replay: int = 0,
+        long_input_max: int | None = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = {
+            "lr": lr > 0,
+            "steps": steps >= 1,
+            "stop_loss": stop_loss >= 0,
+            "norm_constraint": norm_constraint > 0,
+            "mask_density": 0 < mask_density <= 1,
+            "slack": 0 < slack <= 1,
+            "prefixes": 0 <= prefixes <= len(PREFIX_SEEDS),
+            "prefix_length": prefix_length >= 1,
+            "pool_size": pool_size >= 1,
+            "replay": replay >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {locals()[name]!r} (see the WISE docstring for the range)")
+        if irrelevant_pool not in ("model", "locality"):
+            path = Path(irrelevant_pool).expanduser()
+            if not path.is_file():
+                raise ValueError(f"irrelevant_pool: file '{irrelevant_pool}' does not exist")
+            if not _pool_from_file(path):
+                raise ValueError(f"irrelevant_pool: '{irrelevant_pool}' holds no sentences (the pool is empty)")
+        self.module_spec = module
+        self.lr, self.steps, self.stop_loss, self.norm_constraint = lr, steps, stop_loss, norm_constraint
+        self.stop_on_argmax = stop_on_argmax
+        self.mask_density, self.slack = mask_density, slack
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.prefixes, self.prefix_length = prefixes, prefix_length
+        self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
+        self.long_input_max, self.seed = long_input_max, seed
+        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+        self.module_name = ""
+        self.block = -1
+        self.templates: list[str] = ["{}"]
+        self.pool: list[str] = []
+        self.memory: SideMemory | None = None
+        self._log: dict[str, float] = {}
+        self._edits_seen = 0
+
+    # -- binding -----------------------------------------------------------------------------------------------
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
+        self._bound = (model, tokenizer)
+        self.module_name, self.block = self._resolve_module(model)
+        weight = model.get_submodule(self.module_name).weight
+        transposed = isinstance(model.get_submodule(self.module_name), Conv1D)
+        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        self.memory = SideMemory(shape, self.slack, self.long_input_max, self.mask_density, self.seed).to(model.device)
+        self.memory.attach(model, self.module_name)
+        seeds = PREFIX_SEEDS[: self.prefixes]
+        self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
+        if self.irrelevant_pool == "model":
+            prompts = [POOL_SEEDS[i % len(POOL_SEEDS)] for i in range(self.pool_size)]
+            self.pool = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
+        elif self.irrelevant_pool != "locality":
+            self.pool = _pool_from_file(Path(self.irrelevant_pool).expanduser())
+
+    def _resolve_module(self, model: PreTrainedModel) -> tuple[str, int]:
+        """The side-memory projection's path and block index, with errors that say what is allowed."""
+        arch = architecture_of(model)
+        n_blocks = len(model.get_submodule(arch.blocks))
+        spec = self.module_spec
+        if spec is None:
+            spec = max(1, int(0.75 * n_blocks))
+        if isinstance(spec, str) and spec.isdigit():
+            spec = int(spec)
+        if isinstance(spec, int):
+            if not 1 <= spec < n_blocks:
+                raise ValueError(
+                    f"module: block {spec} does not exist or is the first; the model has blocks 0..{n_blocks - 1}"
+                )
+            spec = arch.mlp_out.format(spec)
+        try:
+            module = model.get_submodule(spec)
+        except AttributeError:
+            raise ValueError(
+                f"module: '{spec}' does not exist in the model (e.g. '{arch.mlp_out.format(n_blocks * 3 // 4)}')"
+            ) from None
+        if not isinstance(module, nn.Linear | Conv1D):
+            raise ValueError(f"module: '{spec}' is a {type(module).__name__}, not a linear projection")
+        prefix = arch.blocks + "."
+        index = spec[len(prefix) :].split(".")[0] if spec.startswith(prefix) else ""
+        if not index.isdigit() or int(index) < 1:
+            raise ValueError(f"module: '{spec}' must be a projection inside a decoder block other than the first")
+        return spec, int(index)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[EditRequest]) -> dict[str, object]:
+        """Rows of the step and their activations below the side memory, captured once without gradient."""
+        model, tokenizer = self._bound
+        start = time.perf_counter()
+        prompts = [t.replace("{}", r.text) for r in requests for t in self.templates]
+        targets = [r.target_new for r in requests for _ in self.templates]
+        rows = encode_rows(tokenizer, prompts, None, targets, device=model.device)
+        owner = torch.arange(len(requests), device=model.device).repeat_interleave(len(self.templates))
+        irrelevant, irr_owner = self._irrelevant(requests)
+        irr_rows = encode_rows(tokenizer, [t for t, _ in irrelevant], None, None, device=model.device)
+        prev_block = f"{architecture_of(model).blocks}.{self.block - 1}"
+        with self.memory.disabled():
+            found = capture(model, rows, {prev_block: "output", self.module_name: "input"})
+            a_irr = capture(model, irr_rows, {self.module_name: "input"})[self.module_name]
+        self.timings = {"targets": 0.0, "keys": time.perf_counter() - start, "solve": 0.0}
+        return {
+            "rows": rows,
+            "owner": owner,
+            "hidden": found[prev_block],
+            "a": found[self.module_name],
+            "a_irr": a_irr,
+            "irr_mask": irr_rows.attention_mask,
+            "irr_owner": irr_owner.to(model.device),
+        }
+
+    def _irrelevant(self, requests: Sequence[EditRequest]) -> tuple[Texts, torch.Tensor]:
+        """One irrelevant sentence per request (-> its request index) plus ``replay`` old edits (-> -1: all)."""
+        rng = random.Random(self.seed * 1_000_003 + self._edits_seen)
+        chosen: Texts = []
+        for r in requests:
+            if self.irrelevant_pool == "locality" and r.locality:
+                probe = rng.choice(r.locality)
+                chosen.append((f"{probe.prompt} {probe.answer}", ""))
+            elif self.irrelevant_pool == "locality":
+                raise ValueError(
+                    f"irrelevant_pool: request {r.case_id!r} has no locality probes; use 'model' or a file instead"
+                )
+            else:
+                chosen.append((rng.choice(self.pool), ""))
+        owner = list(range(len(requests)))
+        old = [f"{p} {t}" for texts in self.memory.sealed_texts for p, t in texts]
+        for text in rng.sample(old, min(self.replay, len(old))):
+            chosen.append((text, ""))
+            owner.append(-1)
+        return chosen, torch.tensor(owner)
+
+    def apply(self, requests: Sequence[EditRequest], plan: dict[str, object]) -> None:
+        start = time.perf_counter()
+        model = self._bound[0]
+        rows: EncodedRows = plan["rows"]
+        owner, a, a_irr = plan["owner"], plan["a"], plan["a_irr"]
+        n = len(requests)
+        full_mask = rows.attention_mask
+        positions = torch.arange(full_mask.shape[1], device=full_mask.device)[None]
+        prompt_mask = full_mask * (positions <= rows.last_prompt_pos[:, None])
+        irr_owner = plan["irr_owner"]
+        own = irr_owner[None] == torch.arange(n, device=irr_owner.device)[:, None]  # (n, n_irr)
+        pairs = own | (irr_owner[None] == -1)  # replayed edits count against every request
+        grad_mask = self.memory.current_mask().float()
+        tau = self.memory.working.clone().requires_grad_(True)
+        opt = torch.optim.SGD([tau], lr=self.lr)
+        loss_value, used, tokens = float("nan"), self.steps, 0
+        self.memory.editing_tau = tau
+        try:
+            for step in range(self.steps):
+                with torch.enable_grad():
+                    with blocks_from(model, self.block - 1, plan["hidden"]):
+                        dummy = torch.zeros_like(rows.input_ids)
+                        final = model.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
+                    tokens += int(full_mask.sum())
+                    r, p, ids = rows.target_positions()
+                    log_p = log_softmax_at(model, final[r, p])
+                    token_nll = -log_p.gather(1, ids[:, None])[:, 0]
+                    ce = mean_per_row(token_nll, r, len(rows)).mean()
+                    s_edit = torch.cat(
+                        [
+                            routing_scores(a, tau, full_mask, self.long_input_max),
+                            routing_scores(a, tau, prompt_mask, self.long_input_max),
+                        ]
+                    )
+                    s_irr = routing_scores(a_irr, tau, plan["irr_mask"], self.long_input_max)
+                    worst_irr = s_irr[None].masked_fill(~pairs, float("-inf")).amax(1)  # (n,)
+                    gap = s_edit - worst_irr[owner].repeat(2)
+                    routing = (
+                        (s_irr - self.alpha).clamp(min=0).mean()
+                        + (self.beta - s_edit).clamp(min=0).mean()
+                        + (self.gamma - gap).clamp(min=0).mean()
+                    )
+                    loss = ce + routing
+                    loss_value = loss.item()
+                    if loss_value < self.stop_loss or (self.stop_on_argmax and self._learned(log_p, ids, s_edit, gap)):
+                        used = step
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                tau.grad.mul_(grad_mask)
+                opt.step()
+                with torch.no_grad():
+                    tau.clamp_(-self.norm_constraint, self.norm_constraint)
+        finally:
+            self.memory.editing_tau = None
+        with torch.no_grad():
+            self.memory.working = tau.detach()
+            bare = torch.arange(0, len(rows), len(self.templates), device=owner.device)  # the "{}" row of each request
+            s_bare = torch.minimum(
+                routing_scores(a[bare], self.memory.working, full_mask[bare], self.long_input_max),
+                routing_scores(a[bare], self.memory.working, prompt_mask[bare], self.long_input_max),
+            )
+        self.memory.record_edits([(r.text, r.target_new) for r in requests], s_bare)
+        self._edits_seen += n
+        self.timings["solve"] = time.perf_counter() - start
+        self._log = {
+            "train/wise_loss": loss_value,
+            "train/wise_steps": float(used),
+            "train/wise_tokens": float(tokens),
+            "wise/edit_score": float(s_bare.min()),
+            "wise/threshold": self.slack * self.memory.working_min,
+            "wise/memories": float(len(self.memory.answering())),
+            "wise/shard": float(self.memory.shard),
+        }
+
+    def _learned(self, log_p: torch.Tensor, ids: torch.Tensor, s_edit: torch.Tensor, gap: torch.Tensor) -> bool:
+        """Every target token of every row is the argmax, and every edit row meets its routing margins (``beta`` and
+        ``gamma``; ``alpha`` concerns the irrelevant rows only)."""
+        return bool((log_p.argmax(-1) == ids).all() and (s_edit >= self.beta).all() and (gap >= self.gamma).all())
+
+    def step_log(self) -> dict[str, float]:
+        return dict(self._log)
+
+    # -- routing diagnostics and merges ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def scores_of(self, texts: Sequence[tuple[str, str]], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing scores ``(M, N)`` of ``(prompt, target)`` texts against every answering memory, and the thresholds
+        ``(M,)``. Rows are encoded as evaluation encodes them (prompt + target without its last token; the prompt
+        alone for an empty target), so the scores are those the router computes."""
+        model, tokenizer = self._bound
+        memories = self.memory.answering()
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            rows = encode_rows(tokenizer, [p for p, _ in chunk], None, [t or None for _, t in chunk], model.device)
+            with self.memory.disabled():
+                a = capture(model, rows, {self.module_name: "input"})[self.module_name]
+            mask = rows.attention_mask
+            out.append(torch.stack([routing_scores(a, tau, mask, self.long_input_max) for tau, _ in memories]))
+        scores = torch.cat(out, 1) if out else torch.zeros(len(memories), 0)
+        return scores, torch.tensor([t for _, t in memories])
+
+    def refresh_thresholds(self) -> None:
+        """Recompute every answering memory's lowest edit score from its edit texts (after a merge changed it)."""
+        for j, texts in enumerate(self.memory.memory_texts()):
+            if not texts:
+                continue
+            prompts = [(p, "") for p, _ in texts] + [(p, t) for p, t in texts]
+            scores, _ = self.scores_of(prompts)
+            self.memory.set_min_score(j, float(scores[j].min()))
+
+    def export(self, path: str | Path) -> None:
+        """Save the model, tokenizer and side memories (reload with :func:`editing.side_memory.load_edited`)."""
+        model, tokenizer = self._bound
+        export_edited(path, model, tokenizer, self.memory, self.module_name)
+
+    def extra_repr(self) -> str:
+        return f"module={self.module_name or self.module_spec!r}, lr={self.lr}, steps={self.steps}"

@@ -1,0 +1,303 @@
+"""WISE: side memory, router, shard masks, TIES merging, generate(), export and checkpoint state (tiny models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from editing.methods import WISE
+from editing.metrics import score_targets
+from editing.side_memory import SideMemory, load_edited, routing_scores, shard_mask, ties_merge
+
+MODULE = "model.layers.2.mlp.down_proj"
+
+
+def small_wise(**kwargs) -> WISE:
+    defaults = dict(module=2, prefixes=2, prefix_length=3, pool_size=4, steps=8, alpha=0.5, beta=2.0, gamma=1.0)
+    return WISE(**{**defaults, **kwargs})
+
+
+def projection_input(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input activations ``(B, T, d_in)`` of the side-memory projection and the attention mask."""
+    from editing.locate import capture, encode_rows
+
+    rows = encode_rows(tokenizer, texts)
+    return capture(model, rows, {MODULE: "input"})[MODULE], rows.attention_mask
+
+
+def responsive_tau(a: torch.Tensor, mask: torch.Tensor, d_out: int, scale: float = 5.0) -> torch.Tensor:
+    """A rank-1 task vector that reads the mean activation of one text: large score on it, smaller elsewhere."""
+    direction = (a * mask[..., None]).sum((0, 1)) / mask.sum()
+    direction = direction / direction.norm()
+    out = torch.zeros(d_out)
+    out[0] = scale
+    return out[:, None] * direction[None]
+
+
+def scores_of(model, tokenizer, texts: list[str], tau: torch.Tensor) -> torch.Tensor:
+    a, mask = projection_input(model, tokenizer, texts)
+    return routing_scores(a, tau, mask, None)
+
+
+def install(model, memory: SideMemory, taus: list[torch.Tensor], thresholds: list[float]) -> None:
+    memory.sealed = list(taus)
+    memory.sealed_min = list(thresholds)
+    memory.sealed_texts = [[("x", "y")] for _ in taus]
+    memory.attach(model, MODULE)
+
+
+def logits(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# -- TIES and shard masks ----------------------------------------------------------------------------------------
+def test_ties_merge_matches_hand_computation():
+    t1 = torch.tensor([[4.0, -1.0], [0.5, 2.0]])
+    t2 = torch.tensor([[-3.0, -2.0], [0.1, 6.0]])
+    # density 0.5 keeps the two largest magnitudes of each: t1 -> [[4, 0], [0, 2]], t2 -> [[-3, 0], [0, 6]]
+    # signs: entry (0,0): 4 - 3 > 0 -> +, keeps 4 only; (1,1): both + -> mean(2, 6) = 4; the rest are 0
+    merged = ties_merge([t1, t2], density=0.5)
+    assert torch.equal(merged, torch.tensor([[4.0, 0.0], [0.0, 4.0]]))
+
+
+def test_ties_merge_disjoint_mean_ignores_disagreeing_and_zero_entries():
+    t1 = torch.tensor([1.0, 2.0, 0.0, -5.0])
+    t2 = torch.tensor([3.0, -1.0, 4.0, 0.0])
+    t3 = torch.tensor([5.0, -0.5, 0.0, 1.0])
+    merged = ties_merge([t1, t2, t3], density=1.0)
+    # entry 0: all +, mean 3; entry 1: 2 - 1 - 0.5 > 0 -> keep 2; entry 2: only t2 -> 4; entry 3: -5 + 1 < 0 -> -5
+    assert torch.allclose(merged, torch.tensor([3.0, 2.0, 4.0, -5.0]))
+
+
+def test_shard_masks_are_seeded_of_the_asked_density_and_differ_by_shard():
+    a = shard_mask((100, 200), 0.2, seed=3, shard=0)
+    assert torch.equal(a, shard_mask((100, 200), 0.2, seed=3, shard=0))
+    assert abs(a.float().mean().item() - 0.2) < 0.01
+    assert not torch.equal(a, shard_mask((100, 200), 0.2, seed=3, shard=1))
+
+
+def test_routing_scores_mean_over_real_tokens_and_max_for_long_inputs():
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # third token is padding
+    tau = torch.eye(2)
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.allclose(routing_scores(a, tau, mask, None), torch.tensor([1.5]))
+    assert torch.allclose(routing_scores(a, tau, mask, 1), torch.tensor([2.0]))
+
+
+# -- editing --------------------------------------------------------------------------------------------------------
+def test_edit_changes_only_masked_entries_of_the_side_memory(tiny_model, bind, tiny_requests):
+    method = bind(small_wise(), tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the main weights must stay frozen"
+    tau = method.memory.working
+    mask = method.memory.current_mask()
+    assert tau[mask].abs().max() > 0
+    assert torch.all(tau[~mask] == 0), "entries outside the shard's mask must not learn"
+    assert tau.abs().max() <= method.norm_constraint
+
+
+def test_edit_raises_target_probability_through_the_router(tiny_llama, bind, char_tokenizer, tiny_requests):
+    request = tiny_requests[0]
+    before = score_targets(tiny_llama, char_tokenizer, [request.text], [request.target_new]).nll
+    method = bind(small_wise(steps=30, lr=0.5), tiny_llama)
+    method.apply([request], method.prepare([request]))
+    after = score_targets(tiny_llama, char_tokenizer, [request.text], [request.target_new]).nll
+    assert method.memory.last_route.tolist() == [0], "the edited prompt must be routed to the side memory"
+    assert after < before - 0.5
+    assert method.memory.working_texts == [(request.text, request.target_new)]
+    assert math.isfinite(method.memory.working_min)
+
+
+def test_next_shard_uses_a_new_mask_and_saves_the_old_one(tiny_llama, bind, tiny_requests):
+    method = bind(small_wise(), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    first = method.memory.working.clone()
+    method.memory.save_shard()
+    assert torch.equal(method.memory.pending[0], first)
+    assert torch.all(method.memory.working == 0)
+    method.apply(tiny_requests[1:2], method.prepare(tiny_requests[1:2]))
+    second_mask = method.memory.current_mask()
+    assert torch.all(method.memory.working[~second_mask] == 0)
+    second = method.memory.working.clone()
+    method.memory.save_shard()
+    method.memory.merge(0.53, retrieve=False)
+    assert torch.equal(method.memory.working, ties_merge([first, second], 0.53))
+    assert torch.equal(method.memory.base, method.memory.working) and method.memory.pending == []
+
+
+# -- routing ----------------------------------------------------------------------------------------------------------
+def test_unrelated_input_below_threshold_gives_exactly_the_unedited_output(tiny_llama, char_tokenizer):
+    texts = ["The capital of Spain is", "Bananas are yellow and sweet"]
+    reference = logits(tiny_llama, char_tokenizer, texts)
+    a, mask = projection_input(tiny_llama, char_tokenizer, texts[:1])
+    tau = responsive_tau(a, mask, tiny_llama.config.hidden_size)
+    scores = scores_of(tiny_llama, char_tokenizer, texts, tau)
+    assert scores[0] > scores[1]
+    memory = SideMemory(tuple(tau.shape), 1.0, None, 0.2, 0)
+    install(tiny_llama, memory, [tau], [float(scores.mean())])  # threshold between the two
+    routed = logits(tiny_llama, char_tokenizer, texts)  # one batch: each sequence routed on its own
+    assert memory.last_route.tolist() == [0, -1]
+    assert torch.equal(routed[1], reference[1]), "an unrouted sequence must see exactly the unedited model"
+    assert not torch.allclose(routed[0], reference[0])
+
+
+def test_retrieval_picks_the_memory_that_holds_the_edit(tiny_llama, char_tokenizer):
+    texts = ["Paris is in France", "Tokyo is in Japan, an island nation"]
+    d = tiny_llama.config.hidden_size
+    taus = [responsive_tau(*projection_input(tiny_llama, char_tokenizer, [t]), d) for t in texts]
+    a, mask = projection_input(tiny_llama, char_tokenizer, texts)
+    own = torch.stack([routing_scores(a, tau, mask, None) for tau in taus])  # (memory, text)
+    assert own[0, 0] > own[0, 1] and own[1, 1] > own[1, 0]
+    memory = SideMemory(tuple(taus[0].shape), 1.0, None, 0.2, 0)
+    install(tiny_llama, memory, taus, [0.0, 0.0])  # both memories above threshold everywhere: highest score wins
+    logits(tiny_llama, char_tokenizer, texts)
+    assert memory.last_route.tolist() == [0, 1]
+
+
+def test_generate_routes_once_from_the_prompt(tiny_llama, char_tokenizer):
+    prompts = ["The capital of Spain is", "Bananas"]
+    a, mask = projection_input(tiny_llama, char_tokenizer, prompts[:1])
+    tau = responsive_tau(a, mask, tiny_llama.config.hidden_size, scale=20.0)
+    scores = scores_of(tiny_llama, char_tokenizer, prompts, tau)
+    threshold = float(scores.mean())
+
+    def greedy(model, texts):
+        batch = char_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        return out[:, batch["input_ids"].shape[1] :]
+
+    unedited = greedy(tiny_llama, prompts)
+    edited_everywhere = type(tiny_llama)(tiny_llama.config).eval()
+    edited_everywhere.load_state_dict(tiny_llama.state_dict())
+    with torch.no_grad():
+        edited_everywhere.get_submodule(MODULE).weight += tau
+    always = greedy(edited_everywhere, prompts)
+    memory = SideMemory(tuple(tau.shape), 1.0, None, 0.2, 0)
+    install(tiny_llama, memory, [tau], [threshold])
+    routed = greedy(tiny_llama, prompts)
+    assert torch.equal(routed[0], always[0]), "the routed prompt keeps its side memory for every generated token"
+    assert torch.equal(routed[1], unedited[1]), "the unrouted prompt generates exactly as the unedited model"
+    assert not torch.equal(always[0], unedited[0])
+
+
+# -- state -----------------------------------------------------------------------------------------------------------
+def test_checkpoint_state_round_trip(tiny_llama, bind, tiny_requests, char_tokenizer):
+    method = bind(small_wise(), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    method.memory.save_shard()
+    method.apply(tiny_requests[1:2], method.prepare(tiny_requests[1:2]))
+    method.memory.merge(0.53, retrieve=True)
+    state = {k: v for k, v in method.state_dict().items()}
+    restored = SideMemory(method.memory.shape, method.slack, method.long_input_max, 0.5, 7)
+    restored.set_extra_state(state["memory._extra_state"])
+    assert restored.shard == method.memory.shard and restored.seed == method.memory.seed
+    assert [t for t, _ in restored.answering()][0].equal(method.memory.answering()[0][0])
+    assert restored.sealed_texts == method.memory.sealed_texts
+    with pytest.raises(ValueError, match="resume with the same model"):
+        SideMemory((3, 3), 0.88, None, 0.2, 0).set_extra_state(state["memory._extra_state"])
+
+
+def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_path):
+    from editing.side_memory import export_edited
+
+    texts = ["The capital of Spain is", "Bananas are yellow and sweet"]
+    a, mask = projection_input(tiny_llama, char_tokenizer, texts[:1])
+    tau = responsive_tau(a, mask, tiny_llama.config.hidden_size)
+    scores = scores_of(tiny_llama, char_tokenizer, texts, tau)
+    memory = SideMemory(tuple(tau.shape), 0.9, None, 0.2, 0)
+    memory.working = tau
+    memory.working_texts, memory.working_min = [("x", "y")], float(scores.mean()) / 0.9
+    memory.attach(tiny_llama, MODULE)
+    expected = logits(tiny_llama, char_tokenizer, texts)
+    export_edited(tmp_path / "export", tiny_llama, char_tokenizer, memory, MODULE)
+    model, tokenizer, loaded = load_edited(tmp_path / "export")
+    tokenizer.padding_side = "right"
+    got = logits(model, tokenizer, texts)
+    assert loaded.last_route.tolist() == memory.last_route.tolist() == [0, -1]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("model.layers.2.mlp.nope", "does not exist"),
+        ("model.layers.2.mlp", "not a linear projection"),
+        ("lm_head", "inside a decoder block"),
+        (9, "does not exist"),
+    ],
+)
+def test_bad_side_memory_module_is_a_clear_error(tiny_llama, bind, module, message):
+    with pytest.raises(ValueError, match=message):
+        bind(small_wise(module=module), tiny_llama)
+
+
+def test_empty_irrelevant_pool_is_a_clear_error(tmp_path):
+    empty = tmp_path / "pool.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="pool is empty"):
+        WISE(irrelevant_pool=str(empty))
+    with pytest.raises(ValueError, match="does not exist"):
+        WISE(irrelevant_pool=str(tmp_path / "missing.txt"))
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def wise_fit_args(run: dict, root, *extra: str) -> list[str]:
+    from helpers import REPO
+
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "wise.yaml"),
+        "--model.model_name", str(run["model"]),
+        "--model.cache_dir", str(run["cache"]),
+        "--model.method.init_args.module", "2",
+        "--model.method.init_args.prefixes", "2",
+        "--model.method.init_args.prefix_length", "3",
+        "--model.method.init_args.pool_size", "4",
+        "--model.method.init_args.steps", "5",
+        "--data.path", str(run["data"]),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_cli_shards_merge_log_routing_and_resume_state(tiny_run, retrieve):
+    import csv
+    import json
+
+    from main import cli_main
+
+    root = tiny_run["root"]
+    schedule = root.parent / "schedule.yaml"
+    schedule.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
+        f"      init_args: {{save_freq: 1, merge_freq: 2, retrieve: {str(retrieve).lower()}}}\n"
+        "    - class_path: callbacks.RoutingMonitor\n"
+    )
+    cli_main(wise_fit_args(tiny_run, root, "--config", str(schedule)))
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["method"] == "WISE" and summary["protocol"]["total_edits"] == 3
+    assert {"efficacy", "generalization", "locality"} <= set(summary["metrics"])
+    rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
+    assert {"routing/edit/q50", "routing/unrelated/routed", "wise/merges", "train/wise_steps"} <= set(rows[0])
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    memory = state["state_dict"]["method.memory._extra_state"]
+    assert not any(k.startswith("model.") for k in state["state_dict"]), "the frozen model is not checkpointed"
+    assert memory["shard"] == 3  # three shards saved (save_freq 1), one merge after edit 2
+    assert len(memory["sealed"]) == (1 if retrieve else 0)
+    assert len(memory["pending"]) == 1  # the third shard waits for the next merge
+
+
+def test_merge_freq_must_be_a_multiple_of_save_freq():
+    from callbacks import WiseMemory
+
+    with pytest.raises(ValueError, match="multiple of save_freq"):
+        WiseMemory(save_freq=3, merge_freq=5)
