@@ -67,6 +67,10 @@ class WiseMemory(Callback):
         _wise(pl_module, type(self).__name__)
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _wise(pl_module, type(self).__name__).memory.ties_density = self.ties_density
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -76,7 +80,7 @@ class WiseMemory(Callback):
         if done // self.save_freq > before // self.save_freq:
             method.memory.save_shard()
         if done // self.merge_freq > before // self.merge_freq:
-            method.memory.merge(self.ties_density, self.retrieve)
+            method.memory.merge(self.retrieve)
             method.refresh_thresholds()
             self.merges += 1
             rank_zero_info(f"WiseMemory: merge {self.merges} after {done} edits")

@@ -93,7 +93,8 @@ class SideMemory(nn.Module):
 
     - ``working``: the task vector being edited (float32). Its gradient is masked by the current shard's mask.
     - ``base``: WISE-Merge's last merged memory; a new shard of the working memory starts from it.
-    - ``pending``: shards saved since the last merge (WISE-Merge merges them at ``merge_freq``).
+    - ``pending``: shards saved since the last merge (merged at ``merge_freq``; until then the current memory answers
+      as their TIES merge with the working memory, see :meth:`current`).
     - ``sealed``: WISE-Retrieve's merged memories of earlier blocks, each with its own threshold.
 
     Each memory keeps the ``(prompt, target)`` texts of its edits (thresholds are recomputed from them after a merge,
@@ -105,13 +106,21 @@ class SideMemory(nn.Module):
         slack: threshold factor (WISE: 0.88; 0.5 for Llama-3-8B).
         long_input_max: rows longer than this are scored by their maximum token score.
         mask_density, seed: density and seed of the shard masks.
+        ties_density: fraction of each task vector's largest entries kept by TIES' trim step (0.53).
     """
 
     def __init__(
-        self, shape: tuple[int, int], slack: float, long_input_max: int | None, mask_density: float, seed: int
+        self,
+        shape: tuple[int, int],
+        slack: float,
+        long_input_max: int | None,
+        mask_density: float,
+        seed: int,
+        ties_density: float = 0.53,
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
+        self.ties_density = ties_density
         self.slack = slack
         self.long_input_max = long_input_max
         self.mask_density = mask_density
@@ -123,6 +132,7 @@ class SideMemory(nn.Module):
         self.base_texts: list[tuple[str, str]] = []
         self.base_min = math.inf
         self.pending: list[torch.Tensor] = []
+        self.pending_min: list[float] = []
         self.sealed: list[torch.Tensor] = []
         self.sealed_texts: list[list[tuple[str, str]]] = []
         self.sealed_min: list[float] = []
@@ -136,14 +146,27 @@ class SideMemory(nn.Module):
         self._route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None  # (M, B) scores of the last routed forward pass
         self.last_route: torch.Tensor | None = None  # (B,) memory index per row, -1 = main weights
+        self._version = 0  # bumped by every change of the memories: keys the cached preview merge
+        self._preview: tuple[int, torch.Tensor] | None = None
 
     # -- memories and thresholds ---------------------------------------------------------------------------------
+    def current(self) -> tuple[torch.Tensor, float]:
+        """The memory being edited as it answers now, and its lowest edit score: the working memory, or, while shards
+        saved since the last merge wait for it, the TIES merge of those shards and the working memory (cached until the
+        memories change), so every edit answers at every point of the stream, not only at merge points."""
+        if not self.pending:
+            return self.working, self.working_min
+        if self._preview is None or self._preview[0] != self._version:
+            self._preview = (self._version, ties_merge([*self.pending, self.working], self.ties_density))
+        return self._preview[1], min([*self.pending_min, self.working_min])
+
     def answering(self) -> list[tuple[torch.Tensor, float]]:
-        """``(tau, threshold)`` of every memory that answers queries: the sealed ones, then the working memory when it
+        """``(tau, threshold)`` of every memory that answers queries: the sealed ones, then the current one when it
         holds edits."""
         memories = [(tau, self.slack * m) for tau, m in zip(self.sealed, self.sealed_min, strict=True)]
         if self.working_texts:
-            memories.append((self.working, self.slack * self.working_min))
+            tau, min_score = self.current()
+            memories.append((tau, self.slack * min_score))
         return memories
 
     def current_mask(self) -> torch.Tensor:
@@ -155,23 +178,27 @@ class SideMemory(nn.Module):
         self.working_texts.extend(texts)
         if scores.numel():
             self.working_min = min(self.working_min, float(scores.min()))
+        self._version += 1
 
     def save_shard(self) -> None:
         """End the current shard: keep its task vector for the next merge and restart from the last merged memory
         (zeros before the first merge) with the next shard's mask."""
         self.pending.append(self.working.clone())
+        self.pending_min.append(self.working_min)
         self.working = self.base.clone() if self.base is not None else torch.zeros_like(self.working)
         self.working_min = self.base_min
         self.shard += 1
+        self._version += 1
 
-    def merge(self, density: float, retrieve: bool) -> None:
+    def merge(self, retrieve: bool) -> None:
         """TIES-merge the saved shards. WISE-Merge: the result becomes the working memory and the base of the next
         shards. WISE-Retrieve: the result is sealed as one more memory and a fresh working memory starts from zeros.
         Thresholds of the merged memory are set by :meth:`set_min_score` (its edits' scores change in a merge)."""
         if not self.pending:
             return
-        merged = ties_merge(self.pending, density)
-        self.pending = []
+        merged = ties_merge(self.pending, self.ties_density)
+        self.pending, self.pending_min = [], []
+        self._version += 1
         if retrieve:
             self.sealed.append(merged)
             self.sealed_texts.append(self.working_texts)
@@ -185,8 +212,9 @@ class SideMemory(nn.Module):
             self.working = merged
 
     def set_min_score(self, index: int, value: float) -> None:
-        """Set the threshold basis of memory ``index`` (as in :meth:`answering`; -1 = the working memory)."""
+        """Set the threshold basis of memory ``index`` (as in :meth:`answering`; -1 = the current memory)."""
         if index == -1 or index == len(self.sealed):
+            self.pending_min = [value] * len(self.pending)
             self.working_min = value
             if self.base is not None and torch.equal(self.base, self.working):
                 self.base_min = value
@@ -270,12 +298,14 @@ class SideMemory(nn.Module):
             "base_texts": [list(t) for t in self.base_texts],
             "base_min": self.base_min,
             "pending": [t.cpu() for t in self.pending],
+            "pending_min": list(self.pending_min),
             "sealed": [t.cpu() for t in self.sealed],
             "sealed_texts": [[list(t) for t in texts] for texts in self.sealed_texts],
             "sealed_min": list(self.sealed_min),
             "shard": self.shard,
             "seed": self.seed,
             "mask_density": self.mask_density,
+            "ties_density": self.ties_density,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -294,10 +324,13 @@ class SideMemory(nn.Module):
         self.base = None if state["base"] is None else state["base"].to(dev)
         self.base_texts, self.base_min = texts(state["base_texts"]), state["base_min"]
         self.pending = [t.to(dev) for t in state["pending"]]
+        self.pending_min = list(state["pending_min"])
         self.sealed = [t.to(dev) for t in state["sealed"]]
         self.sealed_texts = [texts(items) for items in state["sealed_texts"]]
         self.sealed_min = list(state["sealed_min"])
         self.shard, self.seed, self.mask_density = state["shard"], state["seed"], state["mask_density"]
+        self.ties_density = state["ties_density"]
+        self._version += 1
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         """Move the memories that are not buffers (their number varies) with the module."""

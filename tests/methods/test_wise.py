@@ -125,8 +125,11 @@ def test_next_shard_uses_a_new_mask_and_saves_the_old_one(tiny_llama, bind, tiny
     second_mask = method.memory.current_mask()
     assert torch.all(method.memory.working[~second_mask] == 0)
     second = method.memory.working.clone()
+    preview, _ = method.memory.current()
+    assert torch.equal(preview, ties_merge([first, second], 0.53)), "saved shards answer before their merge"
+    assert len(method.memory.answering()) == 1
     method.memory.save_shard()
-    method.memory.merge(0.53, retrieve=False)
+    method.memory.merge(retrieve=False)
     assert torch.equal(method.memory.working, ties_merge([first, second], 0.53))
     assert torch.equal(method.memory.base, method.memory.working) and method.memory.pending == []
 
@@ -192,7 +195,7 @@ def test_checkpoint_state_round_trip(tiny_llama, bind, tiny_requests, char_token
     method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
     method.memory.save_shard()
     method.apply(tiny_requests[1:2], method.prepare(tiny_requests[1:2]))
-    method.memory.merge(0.53, retrieve=True)
+    method.memory.merge(retrieve=True)
     state = {k: v for k, v in method.state_dict().items()}
     restored = SideMemory(method.memory.shape, method.slack, method.long_input_max, 0.5, 7)
     restored.set_extra_state(state["memory._extra_state"])
