@@ -1,4 +1,4 @@
-"""PRUNE on a long sequential MEMIT stream: kappa, efficacy, specificity and held-out perplexity against the number of
+"""PRUNE on a long sequential MEMIT (or FT) stream: kappa, efficacy, specificity and held-out perplexity against the number of
 edits, with and without the restraint, from one editing run.
 
 PRUNE's paper protocol (``posthoc``) edits the unrestrained weights and only evaluates restrained ones, so the editing
@@ -13,6 +13,7 @@ trajectory is the same with and without it (tested bit for bit). One ``fit`` run
 Writes ``curves.json``, ``prune_curves.png`` and an offline W&B run with both series under ``--out``.
 
     python benchmarks/prune_curves.py --limit 200 --every 40 --mom2-weight 100 --out runs/prune_curves
+    python benchmarks/prune_curves.py --method ft --ft-lr 1e-3 --limit 100 --every 20 --out runs/prune_curves_ft
 """
 
 from __future__ import annotations
@@ -57,12 +58,7 @@ def fit_config(opts: argparse.Namespace, root: Path) -> dict:
                 },
             ],
         },
-        "model": {
-            "method": {
-                "class_path": "editing.methods.MEMIT",
-                "init_args": {"layers": [3, 4, 5, 6, 7], "mom2_weight": opts.mom2_weight},
-            }
-        },
+        "model": {"method": method_config(opts)},
         "data": {
             "path": str(DATA / "counterfact.json"),
             "format": "counterfact",
@@ -70,6 +66,27 @@ def fit_config(opts: argparse.Namespace, root: Path) -> dict:
             "edits_per_step": 1,
         },
     }
+
+
+def method_config(opts: argparse.Namespace) -> dict:
+    if opts.method == "memit":
+        return {
+            "class_path": "editing.methods.MEMIT",
+            "init_args": {"layers": [3, 4, 5, 6, 7], "mom2_weight": opts.mom2_weight},
+        }
+    return {
+        "class_path": "editing.methods.FineTune",
+        "init_args": {"layer": 5, "lr": opts.ft_lr, "steps": 25, "norm_constraint": opts.ft_norm_constraint},
+    }
+
+
+def method_args(opts: argparse.Namespace) -> list[str]:
+    """The same method as ``method_config``, as CLI flags (for ``validate``)."""
+    config = method_config(opts)
+    args = ["--model.method", config["class_path"]]
+    for key, value in config["init_args"].items():
+        args += [f"--model.method.init_args.{key}", json.dumps(value)]
+    return args
 
 
 def cli(args: list[str]) -> None:
@@ -103,7 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=200, help="CounterFact edits, one per step")
     parser.add_argument("--every", type=int, default=40, help="evaluate and checkpoint every this many edits")
+    parser.add_argument("--method", choices=["memit", "ft"], default="memit")
     parser.add_argument("--mom2-weight", type=float, default=15000.0, help="MEMIT's lambda")
+    parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L's Adam learning rate")
+    parser.add_argument("--ft-norm-constraint", type=float, default=None, help="FT-L's L-inf bound (default: none)")
     parser.add_argument("--alpha", default="e")
     parser.add_argument("--ppl-tokens", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "prune_curves")
@@ -130,8 +150,7 @@ def main() -> None:
         if not (opts.reuse and (root / "summary.json").exists()):
             cli(
                 [
-                    "validate", "--config", "configs/memit.yaml",
-                    "--model.method.init_args.mom2_weight", str(opts.mom2_weight),
+                    "validate", *method_args(opts),
                     "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
                     "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
                     "--trainer.default_root_dir", str(root),
@@ -150,7 +169,7 @@ def main() -> None:
             }
         )
     result = {
-        "protocol": f"MEMIT (lambda {opts.mom2_weight:g}, layers 3-7) on SmolLM2-135M, {opts.limit} CounterFact edits, "
+        "protocol": f"{describe(opts)} on SmolLM2-135M, {opts.limit} CounterFact edits, "
         f"one per step; PRUNE posthoc alpha={opts.alpha}; evaluated every {opts.every} edits on all edits so far",
         "fit_seconds": fit_seconds,
         "seconds_per_edit": fit_summary.get("timing", {}),
@@ -160,6 +179,12 @@ def main() -> None:
     print_table(points)
     plot(points, out / "prune_curves.png", result["protocol"])
     log_wandb(points, out)
+
+
+def describe(opts: argparse.Namespace) -> str:
+    if opts.method == "memit":
+        return f"MEMIT (lambda {opts.mom2_weight:g}, layers 3-7)"
+    return f"FT (layer 5, Adam lr {opts.ft_lr:g}, 25 steps, L-inf bound {opts.ft_norm_constraint})"
 
 
 def print_table(points: list[dict]) -> None:
@@ -188,8 +213,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     axes[0].set_title("condition number of W_n")
     axes[0].legend(fontsize=6, ncol=2)
     for ax, key in zip(axes[1:], ("efficacy", "specificity", "perplexity"), strict=True):
-        ax.plot(edits, [p["unrestrained"].get(key) for p in points], "-o", label="MEMIT")
-        ax.plot(edits, [p["restrained"].get(key) for p in points], "--x", label="MEMIT + PRUNE")
+        ax.plot(edits, [p["unrestrained"].get(key) for p in points], "-o", label="unrestrained")
+        ax.plot(edits, [p["restrained"].get(key) for p in points], "--x", label="PRUNE")
         ax.set_title(key)
         ax.legend()
     for ax in axes:
@@ -204,7 +229,7 @@ def log_wandb(points: list[dict], out: Path) -> None:
     """Both series as one offline W&B run (``wandb sync`` it to see the charts), x axis = edits."""
     import wandb
 
-    run = wandb.init(project="lifelong-editing", name="prune_curves", dir=str(out), mode="offline", reinit=True)
+    run = wandb.init(project="lifelong-editing", name=out.name, dir=str(out), mode="offline", reinit=True)
     run.define_metric("edits")
     run.define_metric("*", step_metric="edits")
     for p in points:

@@ -60,3 +60,40 @@ def test_unedited_model_knows_the_builtin_facts(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     assert metrics["efficacy"] == 0.0  # every true object beats the counterfactual before editing
     assert metrics["locality"] == 1.0  # the reference is this very model
+
+
+def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_path: Path) -> None:
+    """WISE on three built-in edits, one per step: the side memory answers the edited prompts, generate() follows
+    the edit, and the exported model reloads and routes the same way."""
+    import torch
+
+    from editing.side_memory import load_edited
+
+    export = tmp_path / "export"
+    exporting = tmp_path / "export.yaml"
+    exporting.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
+        f"      init_args: {{export_dir: {export}}}\n"
+    )
+    cli_main(
+        [
+            "fit",
+            "--config", str(REPO / "configs" / "wise.yaml"),
+            "--config", str(exporting),
+            "--data.limit", "3",
+            "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert metrics["efficacy"] >= 2 / 3
+    assert metrics["locality"] >= 0.9
+    model, tokenizer, memory = load_edited(export)
+    requests = [json.loads(line) for line in (REPO / "editing" / "builtin" / "counterfact_builtin.jsonl").open()][:3]
+    edited = requests[0]["prompt"].replace("{}", requests[0]["subject"])
+    batch = tokenizer([edited, "My favourite breakfast is"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert memory.last_route.tolist()[0] == 0 and memory.last_route.tolist()[1] == -1
+    text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert requests[0]["target_new"].split()[0] in text

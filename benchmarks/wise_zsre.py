@@ -1,0 +1,110 @@
+"""WISE on ZsRE, the paper's protocol: sequential, one edit per step, evaluated after the last edit.
+
+Runs ``python main.py fit --config configs/wise.yaml`` on the first ``T`` records of ``../shared/data/zsre_eval.json``
+for each ``T`` (and a longer WISE-Merge run whose small ``save_freq``/``merge_freq`` put it past a merge), with the
+irrelevant sentences drawn from ZsRE's training records (``loc`` questions, as the paper does), and the unedited model
+once with ``validate``. Prints a table of reliability (efficacy), generalization and locality (token accuracy;
+locality = agreement with the unedited model) with seconds per edit split into activation caching, masked SGD,
+step metrics and the final evaluation, and writes JSON.
+
+    python benchmarks/wise_zsre.py --runs t10:10 t100:100 merge:40:10:20 --out docs/benchmarks/wise_zsre.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def run(args: list[str], root: Path, reuse: bool) -> dict:
+    if not (reuse and (root / "summary.json").exists()):
+        cmd = [sys.executable, "main.py", *args, "--trainer.default_root_dir", str(root)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads((root / "summary.json").read_text())
+
+
+def schedule_config(path: Path, save_freq: int, merge_freq: int, retrieve: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
+        f"      init_args: {{save_freq: {save_freq}, merge_freq: {merge_freq}, retrieve: {str(retrieve).lower()}}}\n"
+        "    - class_path: callbacks.RoutingMonitor\n"
+    )
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--runs", nargs="+", default=["t10:10", "t100:100", "merge:40:10:20"],
+        help="NAME:T for the default schedule, NAME:T:SAVE_FREQ:MERGE_FQ[:retrieve] for a small one",
+    )  # fmt: skip
+    parser.add_argument("--data", default=str(DATA / "zsre_eval.json"))
+    parser.add_argument("--pool", default=str(DATA / "zsre_train_1k.json"), help="irrelevant sentences")
+    parser.add_argument("--work-dir", default="runs/bench_wise")
+    parser.add_argument("--out", default="docs/benchmarks/wise_zsre.json")
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--extra", nargs="*", default=[], help="extra CLI arguments for every run")
+    opts = parser.parse_args()
+    if not Path(opts.data).exists():
+        sys.exit(f"data file {opts.data} not found (expected ../shared/data beside the repo)")
+    work = REPO / opts.work_dir
+    common = ["--data.path", opts.data, "--data.format", "zsre", *opts.extra]
+    longest = max(int(spec.split(":")[1]) for spec in opts.runs)
+    unedited = run(["validate", "--config", "configs/wise.yaml", *common, "--data.limit", str(longest)],
+                   work / "unedited", opts.reuse)  # fmt: skip
+    results = {"unedited": {"edits": 0, "metrics": unedited["metrics"]}}
+    for spec in opts.runs:
+        name, t, *schedule = spec.split(":")
+        args = ["fit", "--config", "configs/wise.yaml", *common, "--data.limit", t,
+                "--model.method.init_args.irrelevant_pool", opts.pool]  # fmt: skip
+        if schedule:
+            retrieve = len(schedule) > 2 and schedule[2] == "retrieve"
+            cfg = schedule_config(work / f"{name}.yaml", int(schedule[0]), int(schedule[1]), retrieve)
+            args += ["--config", str(cfg)]
+        summary = run(args, work / name, opts.reuse)
+        steps = summary["steps"]
+        mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("keys", "solve", "train/wise_steps")}
+        results[name] = {
+            "edits": int(t),
+            "schedule": schedule or "save_freq 500, merge_freq 1000 (no shard boundary)",
+            "metrics": summary["metrics"],
+            "seconds_per_edit": {
+                "activation_cache": mean["keys"],
+                "masked_sgd": mean["solve"],
+                "edit_total": mean["keys"] + mean["solve"],
+            },
+            "final_evaluation_seconds": summary["timing"]["evaluation_seconds"],
+            "mean_sgd_iterations": mean["train/wise_steps"],
+            "peak_rss_mb": summary["timing"]["peak_rss_mb"],
+        }
+    out = REPO / opts.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"data": opts.data, "pool": opts.pool, "results": results}, indent=2))
+    print(format_table(results))
+    print(f"wrote {out}")
+
+
+def format_table(results: dict) -> str:
+    cols = ["run", "T", "reliability", "generalization", "locality", "s/edit (cache + SGD)", "SGD iters", "eval s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in results.items():
+        m = r["metrics"]
+        t = r.get("seconds_per_edit", {})
+        cells = [name, str(r["edits"])] + [f"{m.get(k, float('nan')):.3f}" for k in ("efficacy", "generalization", "locality")]
+        cells.append(f"{t['edit_total']:.1f} ({t['activation_cache']:.1f} + {t['masked_sgd']:.1f})" if t else "-")
+        cells.append(f"{r['mean_sgd_iterations']:.1f}" if "mean_sgd_iterations" in r else "-")
+        cells.append(f"{r['final_evaluation_seconds']:.0f}" if r.get("final_evaluation_seconds") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
