@@ -1,5 +1,5 @@
-"""PRUNE on a long sequential MEMIT (or FT) stream: kappa, efficacy, specificity and held-out perplexity against the number of
-edits, with and without the restraint, from one editing run.
+"""PRUNE on a long sequential MEMIT (or FT) stream: kappa, efficacy, specificity and held-out perplexity against the
+number of edits, with and without the restraint, from one editing run.
 
 PRUNE's paper protocol (``posthoc``) edits the unrestrained weights and only evaluates restrained ones, so the editing
 trajectory is the same with and without it (tested bit for bit). One ``fit`` run therefore gives both curves:

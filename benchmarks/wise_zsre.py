@@ -98,7 +98,8 @@ def format_table(results: dict) -> str:
     for name, r in results.items():
         m = r["metrics"]
         t = r.get("seconds_per_edit", {})
-        cells = [name, str(r["edits"])] + [f"{m.get(k, float('nan')):.3f}" for k in ("efficacy", "generalization", "locality")]
+        scores = [f"{m.get(k, float('nan')):.3f}" for k in ("efficacy", "generalization", "locality")]
+        cells = [name, str(r["edits"]), *scores]
         cells.append(f"{t['edit_total']:.1f} ({t['activation_cache']:.1f} + {t['masked_sgd']:.1f})" if t else "-")
         cells.append(f"{r['mean_sgd_iterations']:.1f}" if "mean_sgd_iterations" in r else "-")
         cells.append(f"{r['final_evaluation_seconds']:.0f}" if r.get("final_evaluation_seconds") else "-")

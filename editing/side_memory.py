@@ -221,6 +221,10 @@ class SideMemory(nn.Module):
         else:
             self.sealed_min[index] = value
 
+    def edit_count(self) -> int:
+        """Edits this side memory has received (the working memory's texts include every shard since the last seal)."""
+        return len(self.working_texts) + sum(len(texts) for texts in self.sealed_texts)
+
     def memory_texts(self) -> list[list[tuple[str, str]]]:
         """The edit texts of every answering memory, in :meth:`answering` order."""
         texts = list(self.sealed_texts)
@@ -377,7 +381,8 @@ def load_edited(
     tokenizer = AutoTokenizer.from_pretrained(path)
     tensors = load_file(str(path / EXPORT_TENSORS), device=str(device))
     taus = [tensors[f"memory_{i}"] for i in range(len(config["thresholds"]))]
-    memory = SideMemory(tuple(config["shape"]), slack=1.0, long_input_max=config["long_input_max"], mask_density=0.0, seed=0).to(device)
+    shape = tuple(config["shape"])
+    memory = SideMemory(shape, slack=1.0, long_input_max=config["long_input_max"], mask_density=0.0, seed=0).to(device)
     memory.sealed = taus
     memory.sealed_min = list(config["thresholds"])  # slack 1: the stored thresholds are used as they are
     memory.sealed_texts = [[] for _ in taus]

@@ -72,8 +72,7 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     export = tmp_path / "export"
     exporting = tmp_path / "export.yaml"
     exporting.write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
-        f"      init_args: {{export_dir: {export}}}\n"
+        f"trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n      init_args: {{export_dir: {export}}}\n"
     )
     cli_main(
         [

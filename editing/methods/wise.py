@@ -158,7 +158,6 @@ class WISE(EditMethod):
         self.pool: list[str] = []
         self.memory: SideMemory | None = None
         self._log: dict[str, float] = {}
-        self._edits_seen = 0
 
     # -- binding -----------------------------------------------------------------------------------------------
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
@@ -234,7 +233,7 @@ class WISE(EditMethod):
 
     def _irrelevant(self, requests: Sequence[EditRequest]) -> tuple[Texts, torch.Tensor]:
         """One irrelevant sentence per request (-> its request index) plus ``replay`` old edits (-> -1: all)."""
-        rng = random.Random(self.seed * 1_000_003 + self._edits_seen)
+        rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
         chosen: Texts = []
         for r in requests:
             if self.irrelevant_pool == "locality" and r.locality:
@@ -316,7 +315,6 @@ class WISE(EditMethod):
                 routing_scores(a[bare], self.memory.working, prompt_mask[bare], self.long_input_max),
             )
         self.memory.record_edits([(r.text, r.target_new) for r in requests], s_bare)
-        self._edits_seen += n
         self.timings["solve"] = time.perf_counter() - start
         self._log = {
             "train/wise_loss": loss_value,

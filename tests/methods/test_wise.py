@@ -304,3 +304,33 @@ def test_merge_freq_must_be_a_multiple_of_save_freq():
 
     with pytest.raises(ValueError, match="multiple of save_freq"):
         WiseMemory(save_freq=3, merge_freq=5)
+
+
+def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path):
+    from main import cli_main
+
+    keep = tmp_path / "keep.yaml"
+    keep.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
+        "      init_args: {save_freq: 1, merge_freq: 2}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        f"      init_args: {{dirpath: {tmp_path / 'every'}, every_n_train_steps: 1, save_top_k: -1, filename: '{{step}}'}}\n"
+    )
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n      init_args: {save_freq: 1, merge_freq: 2}\n"
+    )
+    cli_main(wise_fit_args(tiny_run, tmp_path / "full", "--config", str(keep)))
+    resume = ["--config", str(schedule), "--ckpt_path", str(tmp_path / "every" / "step=1.ckpt")]
+    cli_main(wise_fit_args(tiny_run, tmp_path / "resumed", *resume))
+
+    def memory(path):
+        return torch.load(path, weights_only=False, map_location="cpu")["state_dict"]["method.memory._extra_state"]
+
+    full = memory(tmp_path / "every" / "step=3.ckpt")
+    resumed = memory(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert full["shard"] == resumed["shard"] == 3
+    assert full["working_texts"] == resumed["working_texts"]
+    for key in ("working", "base"):
+        torch.testing.assert_close(resumed[key], full[key])
+    torch.testing.assert_close(resumed["pending"], full["pending"])
