@@ -251,6 +251,15 @@ def test_empty_irrelevant_pool_is_a_clear_error(tmp_path):
 
 
 # -- command line -------------------------------------------------------------------------------------------------
+def callbacks_config(path, *callbacks: tuple[str, dict]):
+    """A YAML config that sets ``trainer.callbacks`` (lists in configs are replaced as a whole)."""
+    import yaml
+
+    entries = [{"class_path": name, "init_args": args} for name, args in callbacks]
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": entries}}))
+    return path
+
+
 def wise_fit_args(run: dict, root, *extra: str) -> list[str]:
     from helpers import REPO
 
@@ -279,11 +288,10 @@ def test_cli_shards_merge_log_routing_and_resume_state(tiny_run, retrieve):
     from main import cli_main
 
     root = tiny_run["root"]
-    schedule = root.parent / "schedule.yaml"
-    schedule.write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
-        f"      init_args: {{save_freq: 1, merge_freq: 2, retrieve: {str(retrieve).lower()}}}\n"
-        "    - class_path: callbacks.RoutingMonitor\n"
+    schedule = callbacks_config(
+        root.parent / "schedule.yaml",
+        ("callbacks.WiseMemory", {"save_freq": 1, "merge_freq": 2, "retrieve": retrieve}),
+        ("callbacks.RoutingMonitor", {}),
     )
     cli_main(wise_fit_args(tiny_run, root, "--config", str(schedule)))
     summary = json.loads((root / "summary.json").read_text())
@@ -309,17 +317,10 @@ def test_merge_freq_must_be_a_multiple_of_save_freq():
 def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path):
     from main import cli_main
 
-    keep = tmp_path / "keep.yaml"
-    keep.write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n"
-        "      init_args: {save_freq: 1, merge_freq: 2}\n"
-        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        f"      init_args: {{dirpath: {tmp_path / 'every'}, every_n_train_steps: 1, save_top_k: -1, filename: '{{step}}'}}\n"
-    )
-    schedule = tmp_path / "schedule.yaml"
-    schedule.write_text(
-        "trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n      init_args: {save_freq: 1, merge_freq: 2}\n"
-    )
+    wise = ("callbacks.WiseMemory", {"save_freq": 1, "merge_freq": 2})
+    every = {"dirpath": str(tmp_path / "every"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}"}
+    keep = callbacks_config(tmp_path / "keep.yaml", wise, ("lightning.pytorch.callbacks.ModelCheckpoint", every))
+    schedule = callbacks_config(tmp_path / "schedule.yaml", wise)
     cli_main(wise_fit_args(tiny_run, tmp_path / "full", "--config", str(keep)))
     resume = ["--config", str(schedule), "--ckpt_path", str(tmp_path / "every" / "step=1.ckpt")]
     cli_main(wise_fit_args(tiny_run, tmp_path / "resumed", *resume))
