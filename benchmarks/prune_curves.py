@@ -102,12 +102,15 @@ def restrained_kappas(checkpoint: Path, alpha: str) -> dict[str, dict[str, float
     for name, original in entry["originals"].items():
         current = ckpt["state_dict"][f"model.{name}.weight"]
         sigma_max = float(torch.linalg.matrix_norm(original.double(), ord=2))
+        start = time.perf_counter()
         restrained, count = restrain(original, current, sigma_max, alpha if alpha in ("e", "linear") else float(alpha))
+        seconds = time.perf_counter() - start
         layer = name.split(".")[2]
         for label, w in (("unrestrained", current.double()), ("restrained", restrained)):
             s = torch.linalg.svdvals(w)
             out.setdefault(layer, {})[f"kappa_{label}"] = float(s.max() / s.min())
         out[layer]["restrained_values"] = count
+        out[layer]["restraint_seconds"] = seconds
         out[layer]["delta_2"] = float(torch.linalg.matrix_norm((current.double() - original.double()), ord=2))
     return out
 
