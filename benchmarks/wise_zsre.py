@@ -128,7 +128,7 @@ def iteration_cost(data: str, pool: str, iterations: int = 10) -> dict[str, floa
     method.apply([request], plan)
     ours = (time.perf_counter() - start) / iterations
 
-    rows = plan["rows"]
+    rows = plan.rows
     tau = torch.zeros(method.memory.shape, requires_grad=True)
     method.memory.editing_tau = tau
     try:
@@ -137,7 +137,9 @@ def iteration_cost(data: str, pool: str, iterations: int = 10) -> dict[str, floa
             logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # every position
             r, p, ids = rows.target_positions()
             loss = F.cross_entropy(logits[r, p], ids)
-            model(input_ids=rows.input_ids[:1], attention_mask=rows.attention_mask[:1])  # stands in for the irrelevant row
+            model(
+                input_ids=rows.input_ids[:1], attention_mask=rows.attention_mask[:1]
+            )  # stands in for the irrelevant row
             loss.backward()
             tau.grad = None
         reference = (time.perf_counter() - start) / iterations

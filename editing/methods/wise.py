@@ -21,6 +21,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +70,28 @@ def _pool_from_file(path: Path) -> list[str]:
         else:
             raise ValueError(f"irrelevant_pool: {path.name}: record {i} has neither field 'text' nor 'loc'")
     return [t for t in texts if t]
+
+
+@dataclass
+class EditRows:
+    """One step's rows and the activations below the side memory, captured once without gradient.
+
+    Attributes:
+        rows: every request written behind each prefix (and bare), followed by ``target_new``.
+        owner: ``(B,)`` request index of each row.
+        hidden: ``(B, T, d)`` input of the side-memory block.
+        a: ``(B, T, d_in)`` input of the side-memory projection.
+        a_irr, irr_mask: the same for the irrelevant sentences, and their attention mask.
+        irr_owner: request index of each irrelevant sentence (-1: a replayed edit, irrelevant to every request).
+    """
+
+    rows: EncodedRows
+    owner: torch.Tensor
+    hidden: torch.Tensor
+    a: torch.Tensor
+    a_irr: torch.Tensor
+    irr_mask: torch.Tensor
+    irr_owner: torch.Tensor
 
 
 class WISE(EditMethod):
@@ -206,7 +229,7 @@ class WISE(EditMethod):
         return spec, int(index)
 
     # -- one step ----------------------------------------------------------------------------------------------
-    def prepare(self, requests: Sequence[EditRequest]) -> dict[str, object]:
+    def prepare(self, requests: Sequence[EditRequest]) -> EditRows:
         """Rows of the step and their activations below the side memory, captured once without gradient."""
         model, tokenizer = self._bound
         start = time.perf_counter()
@@ -221,15 +244,15 @@ class WISE(EditMethod):
             found = capture(model, rows, {prev_block: "output", self.module_name: "input"})
             a_irr = capture(model, irr_rows, {self.module_name: "input"})[self.module_name]
         self.timings = {"targets": 0.0, "keys": time.perf_counter() - start, "solve": 0.0}
-        return {
-            "rows": rows,
-            "owner": owner,
-            "hidden": found[prev_block],
-            "a": found[self.module_name],
-            "a_irr": a_irr,
-            "irr_mask": irr_rows.attention_mask,
-            "irr_owner": irr_owner.to(model.device),
-        }
+        return EditRows(
+            rows,
+            owner,
+            found[prev_block],
+            found[self.module_name],
+            a_irr,
+            irr_rows.attention_mask,
+            irr_owner.to(model.device),
+        )
 
     def _irrelevant(self, requests: Sequence[EditRequest]) -> tuple[Texts, torch.Tensor]:
         """One irrelevant sentence per request (-> its request index) plus ``replay`` old edits (-> -1: all)."""
@@ -252,16 +275,15 @@ class WISE(EditMethod):
             owner.append(-1)
         return chosen, torch.tensor(owner)
 
-    def apply(self, requests: Sequence[EditRequest], plan: dict[str, object]) -> None:
+    def apply(self, requests: Sequence[EditRequest], plan: EditRows) -> None:
         start = time.perf_counter()
         model = self._bound[0]
-        rows: EncodedRows = plan["rows"]
-        owner, a, a_irr = plan["owner"], plan["a"], plan["a_irr"]
+        rows, owner, a, a_irr = plan.rows, plan.owner, plan.a, plan.a_irr
         n = len(requests)
         full_mask = rows.attention_mask
         positions = torch.arange(full_mask.shape[1], device=full_mask.device)[None]
         prompt_mask = full_mask * (positions <= rows.last_prompt_pos[:, None])
-        irr_owner = plan["irr_owner"]
+        irr_owner = plan.irr_owner
         own = irr_owner[None] == torch.arange(n, device=irr_owner.device)[:, None]  # (n, n_irr)
         pairs = own | (irr_owner[None] == -1)  # replayed edits count against every request
         grad_mask = self.memory.current_mask().float()
@@ -272,7 +294,7 @@ class WISE(EditMethod):
         try:
             for step in range(self.steps):
                 with torch.enable_grad():
-                    with blocks_from(model, self.block - 1, plan["hidden"]):
+                    with blocks_from(model, self.block - 1, plan.hidden):
                         dummy = torch.zeros_like(rows.input_ids)
                         final = model.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
                     tokens += int(full_mask.sum())
@@ -286,7 +308,7 @@ class WISE(EditMethod):
                             routing_scores(a, tau, prompt_mask, self.long_input_max),
                         ]
                     )
-                    s_irr = routing_scores(a_irr, tau, plan["irr_mask"], self.long_input_max)
+                    s_irr = routing_scores(a_irr, tau, plan.irr_mask, self.long_input_max)
                     worst_irr = s_irr[None].masked_fill(~pairs, float("-inf")).amax(1)  # (n,)
                     gap = s_edit - worst_irr[owner].repeat(2)
                     routing = (
