@@ -335,3 +335,15 @@ def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path):
     for key in ("working", "base"):
         torch.testing.assert_close(resumed[key], full[key])
     torch.testing.assert_close(resumed["pending"], full["pending"])
+
+
+def test_wise_callbacks_refuse_other_methods():
+    from types import SimpleNamespace
+
+    from callbacks import RoutingMonitor, WiseMemory
+    from editing.methods import MEMIT
+
+    module = SimpleNamespace(method=MEMIT())
+    for callback in (WiseMemory(), RoutingMonitor()):
+        with pytest.raises(ValueError, match="needs model.method to be editing.methods.WISE"):
+            callback.setup(None, module, "fit")
