@@ -94,13 +94,22 @@ def cli(args: list[str]) -> None:
     subprocess.run([sys.executable, "main.py", *args], cwd=REPO, check=True)
 
 
-def restrained_kappas(checkpoint: Path, alpha: str) -> dict[str, dict[str, float]]:
-    """Per edited matrix: kappa of ``W_n`` and of PRUNE's ``W + U F(S) V^T`` from a checkpoint."""
+def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original and current value of every edited matrix in a checkpoint of the run."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     entry = next(v for k, v in ckpt["callbacks"].items() if k.startswith(PRUNE_KEY))
+    originals = entry["originals"]
+    return originals, {name: ckpt["state_dict"][f"model.{name}.weight"] for name in originals}
+
+
+def spectral_point(
+    originals: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], alpha: str
+) -> dict[str, dict[str, float]]:
+    """Per edited matrix: kappa of ``W_n`` and of PRUNE's ``W + U F(S) V^T``, ``||W_n - W||_2``, the restrained count
+    and the seconds the restraint took."""
     out = {}
-    for name, original in entry["originals"].items():
-        current = ckpt["state_dict"][f"model.{name}.weight"]
+    for name, original in originals.items():
+        current = weights[name]
         sigma_max = float(torch.linalg.matrix_norm(original.double(), ord=2))
         start = time.perf_counter()
         restrained, count = restrain(original, current, sigma_max, alpha if alpha in ("e", "linear") else float(alpha))
@@ -115,8 +124,21 @@ def restrained_kappas(checkpoint: Path, alpha: str) -> dict[str, dict[str, float
     return out
 
 
-def validation_metrics(summary: Path) -> dict[str, float]:
-    return json.loads(summary.read_text())["metrics"]
+def validate(opts: argparse.Namespace, root: Path, checkpoint: Path | None) -> dict[str, float]:
+    """``main.py validate`` of a checkpoint (or of the unedited model) without PRUNE: the unrestrained metrics."""
+    if not (opts.reuse and (root / "summary.json").exists()):
+        cli(
+            [
+                "validate", *method_args(opts),
+                "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
+                "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
+                "--trainer.default_root_dir", str(root),
+                "--trainer.callbacks+=callbacks.HeldOutPerplexity",
+                "--trainer.callbacks.tokens", str(opts.ppl_tokens),
+                *(["--ckpt_path", str(checkpoint)] if checkpoint else []),
+            ]
+        )  # fmt: skip
+    return json.loads((root / "summary.json").read_text())["metrics"]
 
 
 def main() -> None:
@@ -139,36 +161,35 @@ def main() -> None:
     config = out / "fit.yaml"
     config.write_text(yaml.safe_dump(fit_config(opts, out), sort_keys=False))
 
-    start = time.perf_counter()
+    fit_seconds = None
     if not (opts.reuse and (out / "fit" / "summary.json").exists()):
+        start = time.perf_counter()
         cli(["fit", "--config", str(config)])
-    fit_seconds = time.perf_counter() - start
+        fit_seconds = time.perf_counter() - start
+    elif (out / "curves.json").exists():
+        fit_seconds = json.loads((out / "curves.json").read_text()).get("fit_seconds")
     fit_summary = json.loads((out / "fit" / "summary.json").read_text())
     restrained_history = {int(h["edits"]): h for h in fit_summary["history"]}
 
-    points = []
-    for ckpt in sorted((out / "fit" / "every").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1])):
+    checkpoints = sorted((out / "fit" / "every").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+    originals, _ = checkpoint_weights(checkpoints[0])
+    unedited = validate(opts, out / "validate_0", None)  # before the first edit: all requests, unedited model
+    points = [
+        {
+            "edits": 0,
+            "unrestrained": unedited,
+            "restrained": unedited,  # W_0 - W = 0: nothing to restrain
+            "spectral": spectral_point(originals, originals, opts.alpha),
+        }
+    ]
+    for ckpt in checkpoints:
         edits = int(ckpt.stem.split("=")[1])
-        root = out / f"validate_{edits}"
-        if not (opts.reuse and (root / "summary.json").exists()):
-            cli(
-                [
-                    "validate", *method_args(opts),
-                    "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
-                    "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
-                    "--trainer.default_root_dir", str(root),
-                    "--trainer.callbacks+=callbacks.HeldOutPerplexity",
-                    "--trainer.callbacks.tokens", str(opts.ppl_tokens),
-                    "--ckpt_path", str(ckpt),
-                ]
-            )  # fmt: skip
-        restrained = restrained_history.get(edits, {}).get("metrics", {})
         points.append(
             {
                 "edits": edits,
-                "unrestrained": validation_metrics(root / "summary.json"),
-                "restrained": restrained,
-                "spectral": restrained_kappas(ckpt, opts.alpha),
+                "unrestrained": validate(opts, out / f"validate_{edits}", ckpt),
+                "restrained": restrained_history.get(edits, {}).get("metrics", {}),
+                "spectral": spectral_point(*checkpoint_weights(ckpt), opts.alpha),
             }
         )
     result = {
@@ -208,14 +229,14 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     edits = [p["edits"] for p in points]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     layers = sorted(points[0]["spectral"], key=int)
     for layer in layers:
         axes[0].plot(edits, [p["spectral"][layer]["kappa_unrestrained"] for p in points], "-o", label=f"L{layer}")
         axes[0].plot(edits, [p["spectral"][layer]["kappa_restrained"] for p in points], "--x", label=f"L{layer} PRUNE")
     axes[0].set_title("condition number of W_n")
     axes[0].legend(fontsize=6, ncol=2)
-    for ax, key in zip(axes[1:], ("efficacy", "specificity", "perplexity"), strict=True):
+    for ax, key in zip(axes[1:], ("efficacy", "specificity", "locality", "perplexity"), strict=True):
         ax.plot(edits, [p["unrestrained"].get(key) for p in points], "-o", label="unrestrained")
         ax.plot(edits, [p["restrained"].get(key) for p in points], "--x", label="PRUNE")
         ax.set_title(key)
