@@ -212,9 +212,11 @@ def describe(opts: argparse.Namespace) -> str:
 
 
 def print_table(points: list[dict]) -> None:
-    print(f"{'edits':>6} | {'kappa L7 raw/PRUNE':>20} | " + " | ".join(f"{s[:11]:>17}" for s in SERIES))
+    layer = max(points[0]["spectral"], key=int)  # the last edited layer
+    header = f"kappa L{layer} raw/PRUNE"
+    print(f"{'edits':>6} | {header:>20} | " + " | ".join(f"{s[:11]:>17}" for s in SERIES))
     for p in points:
-        k = p["spectral"].get("7", next(iter(p["spectral"].values())))
+        k = p["spectral"][layer]
         cells = [
             f"{p['unrestrained'].get(s, float('nan')):7.3f}/{p['restrained'].get(s, float('nan')):<8.3f}"
             for s in SERIES
