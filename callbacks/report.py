@@ -87,11 +87,8 @@ class RunReport(Callback):
                 else f"every {val_interval} steps and at the end",
             },
             "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
-            "spectral": {  # the last values of ConditionNumberMonitor, when one is attached
-                key.removeprefix("spectral/"): float(value)
-                for key, value in trainer.callback_metrics.items()
-                if key.startswith("spectral/")
-            },
+            # the last values of ConditionNumberMonitor and RoutingMonitor, when attached
+            **{section: _section(trainer, section) for section in ("spectral", "routing")},
             "history": self.evaluations,
             "steps": self.step_times,
             "timing": {
@@ -118,3 +115,10 @@ class RunReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step_times = state_dict.get("step_times", [])
         self.evaluations = state_dict.get("evaluations", [])
+
+
+def _section(trainer: Trainer, section: str) -> dict[str, float]:
+    """The last logged values whose keys start with ``section/``, without the prefix."""
+    prefix = f"{section}/"
+    return {k.removeprefix(prefix): float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+

@@ -297,6 +297,7 @@ def test_cli_shards_merge_log_routing_and_resume_state(tiny_run, retrieve):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["method"] == "WISE" and summary["protocol"]["total_edits"] == 3
     assert {"efficacy", "generalization", "locality"} <= set(summary["metrics"])
+    assert {"edit/routed", "unrelated/q50", "threshold"} <= set(summary["routing"])
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
     assert {"routing/edit/q50", "routing/unrelated/routed", "wise/merges", "train/wise_steps"} <= set(rows[0])
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
