@@ -12,6 +12,7 @@ trajectory is the same with and without it (tested bit for bit). One ``fit`` run
 
 Writes ``curves.json``, ``prune_curves.png`` and an offline W&B run with both series under ``--out``.
 
+    pip install -e ".[bench]"    # matplotlib, for the plots
     python benchmarks/prune_curves.py --limit 200 --every 40 --mom2-weight 100 --out runs/prune_curves
     python benchmarks/prune_curves.py --method ft --ft-lr 1e-3 --limit 100 --every 20 --out runs/prune_curves_ft
 """
@@ -19,6 +20,7 @@ Writes ``curves.json``, ``prune_curves.png`` and an offline W&B run with both se
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "prune_curves")
     parser.add_argument("--reuse", action="store_true", help="skip the fit / validate runs whose outputs exist")
     opts = parser.parse_args()
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.exit('the plots need matplotlib: pip install -e ".[bench]"')
     if not (DATA / "counterfact.json").exists():
         sys.exit(f"needs {DATA / 'counterfact.json'}")
     out = opts.out.resolve()
