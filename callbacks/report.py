@@ -121,4 +121,3 @@ def _section(trainer: Trainer, section: str) -> dict[str, float]:
     """The last logged values whose keys start with ``section/``, without the prefix."""
     prefix = f"{section}/"
     return {k.removeprefix(prefix): float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-
