@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel
 from typing_extensions import override
 
-from editing.corpus import _file_texts, load_corpus
+from editing.corpus import file_texts, load_corpus
 from editing.locate import pad_right
 from editing.stats import token_chunks
 
@@ -104,7 +104,7 @@ class HeldOutPerplexity(Callback):
     def _texts(self, pl_module: LightningModule) -> list[str]:
         if self.path is not None:
             try:
-                return _file_texts(Path(self.path).expanduser())
+                return file_texts(Path(self.path).expanduser())
             except ValueError as err:
                 raise ValueError(f"path: {str(err).removeprefix('stats_corpus: ')}") from err
         if int(pl_module.edits_done) > 0:

@@ -20,7 +20,7 @@ from editing.stats import corpus_fingerprint
 
 log = logging.getLogger(__name__)
 
-_SAMPLE_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "There", "When", "After", "One", "Many")
+SAMPLE_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "There", "When", "After", "One", "Many")
 _SAMPLE_LENGTH = 128
 
 
@@ -41,13 +41,15 @@ def load_corpus(
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ValueError(f"stats_corpus: file '{spec}' does not exist (use 'model', a .txt/.jsonl file or hf:NAME)")
-        texts = _file_texts(path)
+        texts = file_texts(path)
     if not texts:
         raise ValueError(f"stats_corpus: '{spec}' contains no text")
     return texts, corpus_fingerprint(texts)
 
 
-def _file_texts(path: Path) -> list[str]:
+def file_texts(path: Path) -> list[str]:
+    """The texts of a ``.txt`` (one per non-empty line, WikiText ``= headings =`` skipped) or ``.jsonl`` (``"text"``)
+    file."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         texts = []
@@ -87,7 +89,7 @@ def _model_sample(
     log.info("Sampling a %d-token corpus from the model for C0 (once; cached in %s)", tokens, path)
     texts: list[str] = []
     for start in range(0, n_seq, 64):
-        prompts = [_SAMPLE_SEEDS[i % len(_SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
+        prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
         texts += sample_text(model, tokenizer, prompts, _SAMPLE_LENGTH, seed + start)
         log.info("corpus sample: %d/%d sequences", len(texts), n_seq)
     with atomic_path(path) as tmp:

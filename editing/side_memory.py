@@ -129,7 +129,6 @@ class SideMemory(nn.Module):
         self.working_texts: list[tuple[str, str]] = []
         self.working_min = math.inf
         self.base: torch.Tensor | None = None
-        self.base_texts: list[tuple[str, str]] = []
         self.base_min = math.inf
         self.pending: list[torch.Tensor] = []
         self.pending_min: list[float] = []
@@ -205,10 +204,9 @@ class SideMemory(nn.Module):
             self.sealed_min.append(self.working_min)
             self.working = torch.zeros_like(merged)
             self.working_texts, self.working_min = [], math.inf
-            self.base, self.base_texts, self.base_min = None, [], math.inf
+            self.base, self.base_min = None, math.inf
         else:
             self.base = merged.clone()
-            self.base_texts = list(self.working_texts)
             self.working = merged
 
     def set_min_score(self, index: int, value: float) -> None:
@@ -299,7 +297,6 @@ class SideMemory(nn.Module):
             "working_texts": [list(t) for t in self.working_texts],
             "working_min": self.working_min,
             "base": None if self.base is None else self.base.cpu(),
-            "base_texts": [list(t) for t in self.base_texts],
             "base_min": self.base_min,
             "pending": [t.cpu() for t in self.pending],
             "pending_min": list(self.pending_min),
@@ -326,7 +323,7 @@ class SideMemory(nn.Module):
         self.working = state["working"].to(dev)
         self.working_texts, self.working_min = texts(state["working_texts"]), state["working_min"]
         self.base = None if state["base"] is None else state["base"].to(dev)
-        self.base_texts, self.base_min = texts(state["base_texts"]), state["base_min"]
+        self.base_min = state["base_min"]
         self.pending = [t.to(dev) for t in state["pending"]]
         self.pending_min = list(state["pending_min"])
         self.sealed = [t.to(dev) for t in state["sealed"]]

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from editing.corpus import SAMPLE_SEEDS, file_texts
 from editing.locate import (
     EncodedRows,
     blocks_from,
@@ -44,7 +45,6 @@ from editing.requests import EditRequest
 from editing.side_memory import SideMemory, export_edited, routing_scores
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
-POOL_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "There", "When", "After", "One", "Many")
 Texts = list[tuple[str, str]]
 
 
@@ -52,7 +52,7 @@ def _pool_from_file(path: Path) -> list[str]:
     """Irrelevant sentences from a ``.txt`` (one per line), ``.json`` or ``.jsonl`` file (``text``, or ZsRE's
     ``loc`` + ``loc_ans``)."""
     if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return file_texts(path)
     if path.suffix == ".json":
         records = json.loads(path.read_text())
     elif path.suffix == ".jsonl":
@@ -160,11 +160,13 @@ class WISE(EditMethod):
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {locals()[name]!r} (see the WISE docstring for the range)")
+        self.pool: list[str] = []  # irrelevant sentences: read from the file here, sampled in setup for "model"
         if irrelevant_pool not in ("model", "locality"):
             path = Path(irrelevant_pool).expanduser()
             if not path.is_file():
                 raise ValueError(f"irrelevant_pool: file '{irrelevant_pool}' does not exist")
-            if not _pool_from_file(path):
+            self.pool = _pool_from_file(path)  # a bad file fails here, before any model is loaded
+            if not self.pool:
                 raise ValueError(f"irrelevant_pool: '{irrelevant_pool}' holds no sentences (the pool is empty)")
         self.module_spec = module
         self.lr, self.steps, self.stop_loss, self.norm_constraint = lr, steps, stop_loss, norm_constraint
@@ -178,7 +180,6 @@ class WISE(EditMethod):
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
-        self.pool: list[str] = []
         self.memory: SideMemory | None = None
         self._log: dict[str, float] = {}
 
@@ -194,10 +195,8 @@ class WISE(EditMethod):
         seeds = PREFIX_SEEDS[: self.prefixes]
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
         if self.irrelevant_pool == "model":
-            prompts = [POOL_SEEDS[i % len(POOL_SEEDS)] for i in range(self.pool_size)]
+            prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(self.pool_size)]
             self.pool = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
-        elif self.irrelevant_pool != "locality":
-            self.pool = _pool_from_file(Path(self.irrelevant_pool).expanduser())
 
     def _resolve_module(self, model: PreTrainedModel) -> tuple[str, int]:
         """The side-memory projection's path and block index, with errors that say what is allowed."""
