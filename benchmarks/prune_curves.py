@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +30,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_runs import DATA, REPO, run_cli  # noqa: E402
+
 from callbacks.prune import restrain  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 PRUNE_KEY = "PruneRestraint"
 SERIES = ("efficacy", "generalization", "specificity", "locality", "perplexity")
 
@@ -91,11 +90,6 @@ def method_args(opts: argparse.Namespace) -> list[str]:
     return args
 
 
-def cli(args: list[str]) -> None:
-    print("+ python main.py", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "main.py", *args], cwd=REPO, check=True)
-
-
 def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The original and current value of every edited matrix in a checkpoint of the run."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -128,19 +122,15 @@ def spectral_point(
 
 def validate(opts: argparse.Namespace, root: Path, checkpoint: Path | None) -> dict[str, float]:
     """``main.py validate`` of a checkpoint (or of the unedited model) without PRUNE: the unrestrained metrics."""
-    if not (opts.reuse and (root / "summary.json").exists()):
-        cli(
-            [
-                "validate", *method_args(opts),
-                "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
-                "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
-                "--trainer.default_root_dir", str(root),
-                "--trainer.callbacks+=callbacks.HeldOutPerplexity",
-                "--trainer.callbacks.tokens", str(opts.ppl_tokens),
-                *(["--ckpt_path", str(checkpoint)] if checkpoint else []),
-            ]
-        )  # fmt: skip
-    return json.loads((root / "summary.json").read_text())["metrics"]
+    args = [
+        "validate", *method_args(opts),
+        "--data.path", str(DATA / "counterfact.json"), "--data.format", "counterfact",
+        "--data.limit", str(opts.limit), "--data.edits_per_step", "1",
+        "--trainer.callbacks+=callbacks.HeldOutPerplexity",
+        "--trainer.callbacks.tokens", str(opts.ppl_tokens),
+        *(["--ckpt_path", str(checkpoint)] if checkpoint else []),
+    ]  # fmt: skip
+    return run_cli(args, root, opts.reuse)["metrics"]
 
 
 def main() -> None:
@@ -165,14 +155,13 @@ def main() -> None:
     config = out / "fit.yaml"
     config.write_text(yaml.safe_dump(fit_config(opts, out), sort_keys=False))
 
-    fit_seconds = None
-    if not (opts.reuse and (out / "fit" / "summary.json").exists()):
-        start = time.perf_counter()
-        cli(["fit", "--config", str(config)])
-        fit_seconds = time.perf_counter() - start
-    elif (out / "curves.json").exists():
-        fit_seconds = json.loads((out / "curves.json").read_text()).get("fit_seconds")
-    fit_summary = json.loads((out / "fit" / "summary.json").read_text())
+    reused = opts.reuse and (out / "fit" / "summary.json").exists()
+    start = time.perf_counter()
+    fit_summary = run_cli(["fit", "--config", str(config)], out / "fit", opts.reuse)
+    fit_seconds = time.perf_counter() - start
+    if reused:  # the wall time the original run recorded
+        previous = out / "curves.json"
+        fit_seconds = json.loads(previous.read_text()).get("fit_seconds") if previous.exists() else None
     restrained_history = {int(h["edits"]): h for h in fit_summary["history"]}
 
     checkpoints = sorted((out / "fit" / "every").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_runs import DATA, REPO, run_cli  # noqa: E402
+
 from editing.cache import default_cache_dir  # noqa: E402
 from editing.models import EMBEDDED_MODEL, architecture_of, resolve_source  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 METHODS = {"lyaplock": "configs/lyaplock.yaml", "memit": "configs/memit.yaml", "alphaedit": "configs/alphaedit.yaml"}
 
 
@@ -54,16 +53,6 @@ def upper_block_params(shift_layer: int) -> int:
     return per_block * (len(blocks) - shift_layer - 1)
 
 
-def run(args: list[str], root: Path, reuse: bool) -> dict:
-    """One CLI run (or, with ``reuse``, the summary an identical earlier run left in ``root``)."""
-    if reuse and (root / "summary.json").exists():
-        return json.loads((root / "summary.json").read_text())
-    cmd = [sys.executable, "main.py", *args, "--trainer.default_root_dir", str(root)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((root / "summary.json").read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA / "counterfact.json"))
@@ -88,10 +77,10 @@ def main() -> None:
     work = REPO / opts.work_dir
     results: dict[str, dict] = {}
     peak_flops = 0.0  # measured once, after the first method's run, in the same job
-    unedited = run(["validate", "--config", METHODS[opts.methods[0]], *common], work / "unedited", opts.reuse)
+    unedited = run_cli(["validate", "--config", METHODS[opts.methods[0]], *common], work / "unedited", opts.reuse)
     results["unedited"] = {"metrics": unedited["metrics"]}
     for name in opts.methods:
-        summary = run(["fit", "--config", METHODS[name], *common], work / name, opts.reuse)
+        summary = run_cli(["fit", "--config", METHODS[name], *common], work / name, opts.reuse)
         steps = summary["steps"]
         upper = upper_block_params(_last_layer(REPO / METHODS[name]))
         peak_flops = peak_flops or matmul_flops_per_second()

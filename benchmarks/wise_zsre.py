@@ -18,20 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-
-
-def run(args: list[str], root: Path, reuse: bool) -> dict:
-    if not (reuse and (root / "summary.json").exists()):
-        cmd = [sys.executable, "main.py", *args, "--trainer.default_root_dir", str(root)]
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads((root / "summary.json").read_text())
+from cli_runs import DATA, REPO, run_cli
 
 
 def schedule_config(path: Path, save_freq: int, merge_freq: int, retrieve: bool) -> Path:
@@ -63,7 +53,7 @@ def main() -> None:
     work = REPO / opts.work_dir
     common = ["--data.path", opts.data, "--data.format", "zsre", *opts.extra]
     longest = max(int(spec.split(":")[1]) for spec in opts.runs)
-    unedited = run(["validate", "--config", "configs/wise.yaml", *common, "--data.limit", str(longest)],
+    unedited = run_cli(["validate", "--config", "configs/wise.yaml", *common, "--data.limit", str(longest)],
                    work / "unedited", opts.reuse)  # fmt: skip
     results = {"unedited": {"edits": 0, "metrics": unedited["metrics"]}}
     for spec in opts.runs:
@@ -74,7 +64,7 @@ def main() -> None:
             retrieve = len(schedule) > 2 and schedule[2] == "retrieve"
             cfg = schedule_config(work / f"{name}.yaml", int(schedule[0]), int(schedule[1]), retrieve)
             args += ["--config", str(cfg)]
-        summary = run(args, work / name, opts.reuse)
+        summary = run_cli(args, work / name, opts.reuse)
         steps = summary["steps"]
         mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("keys", "solve", "train/wise_steps")}
         results[name] = {
