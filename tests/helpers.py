@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +28,11 @@ def tiny_fit_args(run: dict[str, Path], config: str, root: Path, *extra: str) ->
         "--trainer.enable_progress_bar", "false",
         *extra,
     ]  # fmt: skip
+
+
+def callbacks_config(path: Path, *callbacks: tuple[str, dict]) -> Path:
+    """A YAML config that sets ``trainer.callbacks`` (lists in configs are replaced as a whole), for a second
+    ``--config``: ``(class_path, init_args)`` per callback."""
+    entries = [{"class_path": name, "init_args": args} for name, args in callbacks]
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": entries}}))
+    return path

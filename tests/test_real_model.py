@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import callbacks_config
 
 from main import cli_main
 
@@ -70,10 +71,7 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     from editing.side_memory import load_edited
 
     export = tmp_path / "export"
-    exporting = tmp_path / "export.yaml"
-    exporting.write_text(
-        f"trainer:\n  callbacks:\n    - class_path: callbacks.WiseMemory\n      init_args: {{export_dir: {export}}}\n"
-    )
+    exporting = callbacks_config(tmp_path / "export.yaml", ("callbacks.WiseMemory", {"export_dir": str(export)}))
     cli_main(
         [
             "fit",

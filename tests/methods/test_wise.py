@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import callbacks_config
 
 from editing.methods import WISE
 from editing.metrics import score_targets
@@ -251,15 +252,6 @@ def test_empty_irrelevant_pool_is_a_clear_error(tmp_path):
 
 
 # -- command line -------------------------------------------------------------------------------------------------
-def callbacks_config(path, *callbacks: tuple[str, dict]):
-    """A YAML config that sets ``trainer.callbacks`` (lists in configs are replaced as a whole)."""
-    import yaml
-
-    entries = [{"class_path": name, "init_args": args} for name, args in callbacks]
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": entries}}))
-    return path
-
-
 def wise_fit_args(run: dict, root, *extra: str) -> list[str]:
     from helpers import REPO
 
