@@ -246,7 +246,7 @@ class SideMemory(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         tokens = ids if ids is not None else kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers >= 5.2x names it ``cache``
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         width = tokens.shape[1] if tokens is not None else None
         self._mask = mask[:, -width:] if isinstance(mask, torch.Tensor) and mask.dim() == 2 and width else None
