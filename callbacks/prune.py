@@ -207,8 +207,9 @@ class PruneRestraint(_OriginalWeights):
     """PRUNE: restrain the large singular values of the accumulated edit ``W_n - W`` of every edited matrix.
 
     - ``posthoc`` (the paper's protocol): editing always continues from the unrestrained weights ``W_n``; the
-      restrained ones are swapped in at ``on_validation_epoch_start`` and swapped out at ``on_validation_epoch_end``
-      (as Lightning's ``WeightAveraging`` does), and written by ``export_dir``. Checkpoints hold ``W_n``.
+      restrained ones are swapped in at ``on_validation_start`` and swapped out at ``on_validation_end``, the
+      outermost validation hooks, so callbacks that evaluate in between see them whatever their order; they are also
+      what ``export_dir`` writes. Checkpoints hold ``W_n``.
     - ``inloop`` (an extension the paper did not evaluate): every ``every_n_steps`` edit steps the restrained weights
       replace ``W_n`` and editing continues from them.
 
@@ -351,6 +352,12 @@ class PruneRestraint(_OriginalWeights):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # no on_fit_start: restored (or unedited) originals, checked here
             self._ensure_originals(pl_module)
+        # Swapped in at the first validation hook and out at the last, so every callback that evaluates in between
+        # (whatever its place in the callback list) sees the restrained weights.
+        if self.mode != "posthoc" or trainer.sanity_checking or not self.originals or self._shadow:
+            return
+        if self.should_restrain(trainer.global_step):
+            self._swap_in(pl_module)
 
     @override
     def on_train_batch_end(
@@ -364,14 +371,7 @@ class PruneRestraint(_OriginalWeights):
         self.restraints += 1
 
     @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode != "posthoc" or trainer.sanity_checking or not self.originals or self._shadow:
-            return
-        if self.should_restrain(trainer.global_step):
-            self._swap_in(pl_module)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._shadow:
             self._swap_out(pl_module)
 

@@ -14,11 +14,12 @@ only the blocks above it, and applies the LM head at target positions only; fini
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -207,19 +208,36 @@ def capture(
     return found
 
 
+KeyAveraging = Literal["release", "flat"]
+
+
+def average_template_keys(k: torch.Tensor, averaging: KeyAveraging = "release") -> torch.Tensor:
+    """Average keys ``k: (n, n_templates, d_k)`` over the templates, the bare prompt ``"{}"`` first; ``(n, d_k)``.
+
+    ``release``: the MEMIT/AlphaEdit/LyapLock releases' ``compute_ks`` averages each context type (the bare prompt;
+    the generated prefixes) and then the types, so the bare prompt weighs 1/2 and the prefixes share the other 1/2.
+    ``flat``: one mean over every template (this project's earlier variant).
+    """
+    if averaging == "flat" or k.shape[1] == 1:
+        return k.mean(1)
+    return (k[:, 0] + k[:, 1:].mean(1)) / 2
+
+
 def compute_keys(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     module_name: str,
     templates: Sequence[str],
+    averaging: KeyAveraging = "release",
 ) -> torch.Tensor:
-    """Keys ``K: (d_k, n)``: input of the edited projection at the last subject token, averaged over the templates."""
+    """Keys ``K: (d_k, n)``: input of the edited projection at the last subject token, averaged over the templates
+    (:func:`average_template_keys`)."""
     prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
     subjects = [r.subject for r in requests for _ in templates]
     rows = encode_rows(tokenizer, prompts, subjects, device=model.device)
     k = capture(model, rows, {module_name: "input"}, rows.subject_pos)[module_name]  # (n * n_templates, d_k)
-    return k.view(len(requests), len(templates), -1).mean(1).T
+    return average_template_keys(k.view(len(requests), len(templates), -1), averaging).T
 
 
 def layer_output_at_subject(
@@ -288,6 +306,9 @@ class _ShiftedSuffix:
         self.mask = torch.cat([prefix_valid, suffix_valid], 1).long()
         self.start = start
         self.cache = DynamicCache(config=model.config)
+        # transformers 5.2x renamed the decoder's ``past_key_values`` argument to ``cache``
+        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+        self.cache_kwarg = {name: self.cache}
         self.upper_cache = self.cache.layers[layer + 1 :]
         if self.prefix_len:
             prefix_hidden = hidden[b, src.clamp(min=0)] * prefix_valid[..., None]
@@ -303,7 +324,7 @@ class _ShiftedSuffix:
         dummy = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # embeddings are replaced by `x`
         with blocks_from(self.model, self.layer, x):
             return self.model.base_model(
-                input_ids=dummy, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+                input_ids=dummy, attention_mask=mask, position_ids=positions, use_cache=True, **self.cache_kwarg
             )[0]
 
     def __call__(self, shift: torch.Tensor) -> torch.Tensor:
@@ -338,6 +359,24 @@ def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.
     return total / count.clamp(min=1)
 
 
+StopRule = Literal["loss", "argmax"]
+KLVariant = Literal["release", "last_token"]
+
+
+def essence_kl(
+    log_p_edited: torch.Tensor, log_p_original: torch.Tensor, variant: KLVariant = "release"
+) -> torch.Tensor:
+    """``(N,)`` KL term of the target loss from log-probabilities ``(N, V)`` on the essence rows.
+
+    ``release`` (MEMIT/AlphaEdit/LyapLock ``compute_z``): ``KL(p_edited || p_original)``, the edited distribution first,
+    taken at the subject's last token of ``"{subject} is a"``. ``last_token`` (this project's earlier variant):
+    ``KL(p_original || p_edited)`` at the last prompt token. The position is chosen by the caller.
+    """
+    if variant == "release":
+        return (log_p_edited.exp() * (log_p_edited - log_p_original)).sum(-1)
+    return (log_p_original.exp() * (log_p_original - log_p_edited)).sum(-1)
+
+
 @dataclass
 class TargetResult:
     """Targets of one step. ``z: (d, n)``; per request: optimisation steps used and final target probability."""
@@ -359,15 +398,19 @@ def compute_targets(
     kl_factor: float = 0.0625,
     weight_decay: float = 0.5,
     clamp_norm_factor: float = 0.75,
+    stop_rule: StopRule = "loss",
+    stop_loss: float = 5e-2,
     stop_prob: float = 0.95,
+    kl_variant: KLVariant = "release",
 ) -> TargetResult:
     """MEMIT's target vectors for all requests of a step, optimised in one batch (DESIGN.md section 4).
 
     For each request a shift ``delta`` is added to the residual stream after block ``layer`` at the last subject token
     of every template row and of the essence row ``"{subject} is a"``. Loss per request: mean target NLL over the
-    template rows + ``kl_factor`` KL(original || edited) on the essence row + ``weight_decay * ||delta|| / ||h0||^2``;
-    ``||delta|| <= clamp_norm_factor * ||h0||``. A request stops once its new target is the argmax at every target
-    token of every template and its geometric-mean probability reaches ``stop_prob``; stopped requests leave the batch.
+    template rows + ``kl_factor`` KL on the essence row (:func:`essence_kl`) + ``weight_decay * ||delta|| / ||h0||^2``;
+    ``||delta|| <= clamp_norm_factor * ||h0||``. A request stops (and leaves the batch) by ``stop_rule``: ``loss``
+    (the releases': its total loss is below ``stop_loss``) or ``argmax`` (this project's: its new target is the argmax
+    at every target token of every template and its geometric-mean probability reaches ``stop_prob``).
     """
     n, n_t = len(requests), len(templates)
     prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
@@ -384,7 +427,8 @@ def compute_targets(
         hidden = capture(model, rows, {block: "output"})[block]  # (B, T, d): residual stream after `layer`, run once
         kl_rows = rows.select(is_kl.nonzero()[:, 0])
         final = model.base_model(input_ids=kl_rows.input_ids, attention_mask=kl_rows.attention_mask)[0]
-        kl_init = log_softmax_at(model, final[torch.arange(n, device=dev), kl_rows.last_prompt_pos])  # (n, V)
+        kl_pos = kl_rows.subject_pos if kl_variant == "release" else kl_rows.last_prompt_pos
+        kl_init = log_softmax_at(model, final[torch.arange(n, device=dev), kl_pos])  # (n, V)
     first_rows = torch.arange(0, n * n_t, n_t, device=dev)  # the bare-prompt row ("{}" template) of each request
     h0 = hidden[first_rows, rows.subject_pos[first_rows]]  # (n, d)
     max_norm = clamp_norm_factor * h0.norm(dim=1, keepdim=True)
@@ -408,21 +452,26 @@ def compute_targets(
         tok_owner = sub_owner[r]
         nll = mean_per_row(-token_lp, tok_owner, n)
         kl_idx = sub_kl.nonzero()[:, 0]
-        kl_lp = log_softmax_at(model, out[kl_idx, sub.last_prompt_pos[kl_idx] - runner.start[kl_idx]])
+        kl_pos = (sub.subject_pos if kl_variant == "release" else sub.last_prompt_pos)[kl_idx]
+        kl_lp = log_softmax_at(model, out[kl_idx, kl_pos - runner.start[kl_idx]])
         kl = torch.zeros(n, device=dev).index_add(
-            0, sub_owner[kl_idx], F.kl_div(kl_lp, kl_init[sub_owner[kl_idx]], log_target=True, reduction="none").sum(-1)
+            0, sub_owner[kl_idx], essence_kl(kl_lp, kl_init[sub_owner[kl_idx]], kl_variant)
         )
+        decay = weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
+        total = nll + kl_factor * kl + decay  # (n,)
         with torch.no_grad():
-            lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (log_p.argmax(-1) != ids).float())
             prob[active] = (-nll[active]).exp()
-            done = active & (lost == 0) & (prob >= stop_prob)
+            if stop_rule == "loss":
+                done = active & (total < stop_loss)
+            else:
+                lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (log_p.argmax(-1) != ids).float())
+                done = active & (lost == 0) & (prob >= stop_prob)
             for i in done.nonzero()[:, 0].tolist():
                 used[i] = step
             active &= ~done
         if not active.any():
             break
-        decay = weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
-        loss = (nll + kl_factor * kl + decay)[active].sum()  # requests are independent: sum keeps their gradients apart
+        loss = total[active].sum()  # requests are independent: the sum keeps their gradients apart
         kept = delta.detach().clone()
         opt.zero_grad()
         loss.backward()

@@ -97,11 +97,6 @@ class EditedWeight:
         return w.T if self.transposed else w
 
     @torch.no_grad()
-    def set(self, value: torch.Tensor) -> None:
-        """Overwrite the weight with a ``(d_out, d_in)`` matrix of any dtype."""
-        self.get().copy_(value.to(self.module.weight.dtype))
-
-    @torch.no_grad()
     def add(self, delta: torch.Tensor) -> None:
         """Add a ``(d_out, d_in)`` update of any dtype."""
         w = self.get()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from editing.locate import (
+    average_template_keys,
     blocks_from,
     capture,
     compute_keys,
     compute_targets,
     encode_rows,
+    essence_kl,
     layer_output_at_subject,
     spread_residual,
     target_token_ids,
@@ -46,14 +50,6 @@ def test_edited_weight_add_changes_output_by_delta_x(tiny_model):
     w.add(delta)
     after = w.module(x).double()
     torch.testing.assert_close(after - before, x.double() @ delta.T, atol=1e-5, rtol=1e-4)
-
-
-def test_edited_weight_set_roundtrip(tiny_model):
-    w = EditedWeight(tiny_model, 0)
-    new = torch.randn(*w.get().shape, dtype=torch.float64)
-    w.set(new)
-    assert w.parameter.dtype == torch.float32
-    torch.testing.assert_close(w.get().double(), new, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("layer", [4, -1, 100])
@@ -166,6 +162,30 @@ def test_compute_keys_is_template_average(tiny_llama, char_tokenizer, tiny_reque
         torch.testing.assert_close(K[:, j], torch.stack(per_template).mean(0), atol=1e-6, rtol=1e-5)
 
 
+def test_release_key_averaging_weighs_the_bare_prompt_half(tiny_llama, char_tokenizer, tiny_requests):
+    """With three or more templates the releases' average (bare 1/2, prefixes 1/2) differs from the flat mean."""
+    reqs = tiny_requests[:2]
+    templates = ["{}", "Hi there. {}", "So it goes. {}"]
+    name = EditedWeight(tiny_llama, 1).name
+    release = compute_keys(tiny_llama, char_tokenizer, reqs, name, templates)
+    flat = compute_keys(tiny_llama, char_tokenizer, reqs, name, templates, averaging="flat")
+    for j, r in enumerate(reqs):
+        k = []
+        for t in templates:
+            rows = encode_rows(char_tokenizer, [t.replace("{}", r.text)], [r.subject])
+            k.append(capture(tiny_llama, rows, {name: "input"}, rows.subject_pos)[name][0])
+        torch.testing.assert_close(release[:, j], k[0] / 2 + (k[1] + k[2]) / 4, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(flat[:, j], (k[0] + k[1] + k[2]) / 3, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(release[:, j], flat[:, j], atol=1e-4)
+
+
+def test_average_template_keys_by_hand():
+    k = torch.tensor([[[3.0], [1.0], [5.0], [0.0]]])  # one request, four templates, d_k = 1
+    assert average_template_keys(k).item() == pytest.approx((3 + (1 + 5 + 0) / 3) / 2)
+    assert average_template_keys(k, "flat").item() == pytest.approx(9 / 4)
+    assert average_template_keys(k[:, :1]).item() == 3.0
+
+
 # -- blocks_from: skipping the lower blocks ---------------------------------------------------------------------
 @pytest.mark.parametrize("layer", [0, 2])
 def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
@@ -236,7 +256,16 @@ def test_compute_targets_raises_target_probability_and_respects_clamp(tiny_llama
     layer, clamp = 1, 0.75
     with torch.enable_grad():
         res = compute_targets(
-            tiny_llama, char_tokenizer, reqs, layer, ["{}"], lr=0.5, steps=40, stop_prob=0.5, clamp_norm_factor=clamp
+            tiny_llama,
+            char_tokenizer,
+            reqs,
+            layer,
+            ["{}"],
+            lr=0.5,
+            steps=40,
+            stop_rule="argmax",
+            stop_prob=0.5,
+            clamp_norm_factor=clamp,
         )
     d = tiny_llama.config.hidden_size
     assert res.z.shape == (d, 2)
@@ -263,6 +292,55 @@ def test_compute_targets_clamp_binds(tiny_llama, char_tokenizer, tiny_requests):
         res = compute_targets(tiny_llama, char_tokenizer, reqs, 1, ["{}"], lr=1.0, steps=5, clamp_norm_factor=0.05)
     h0 = layer_output_at_subject(tiny_llama, char_tokenizer, reqs, 1)[:, 0]
     assert (res.z[:, 0] - h0).norm() == pytest.approx(0.05 * float(h0.norm()), rel=1e-4)
+
+
+def test_essence_kl_direction_on_hand_made_distributions():
+    edited, original = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.9, 0.1]]).log()
+    kl_edited_first = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(p_edited || p_original) = 0.5108
+    kl_original_first = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # KL(p_original || p_edited) = 0.3681
+    assert essence_kl(edited, original).item() == pytest.approx(kl_edited_first, rel=1e-5)
+    assert essence_kl(edited, original, "last_token").item() == pytest.approx(kl_original_first, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["release", "last_token"])
+def test_kl_is_taken_at_the_subject_or_the_last_token_of_the_essence_prompt(
+    tiny_llama, char_tokenizer, monkeypatch, variant
+):
+    """Release: the subject's last token of "{subject} is a"; last_token: its last token (the shift is 0 at the first
+    iteration, so both distributions passed to the KL are the unedited model's at that position)."""
+    import editing.locate as locate
+
+    seen = []
+
+    def recording(edited, original, v):
+        seen.append((edited.detach(), original.detach(), v))
+        return essence_kl(edited, original, v)
+
+    monkeypatch.setattr(locate, "essence_kl", recording)
+    request = EditRequest(case_id="x", prompt="The capital of {} is", subject="Spain", target_new="Rome")
+    with torch.enable_grad():
+        compute_targets(tiny_llama, char_tokenizer, [request], 1, ["{}"], steps=1, kl_variant=variant)
+    rows = encode_rows(char_tokenizer, ["Spain is a"], ["Spain"])
+    with torch.no_grad():
+        log_p = tiny_llama(input_ids=rows.input_ids).logits[0].float().log_softmax(-1)
+    pos = int(rows.subject_pos[0]) if variant == "release" else int(rows.last_prompt_pos[0])
+    other = int(rows.last_prompt_pos[0]) if variant == "release" else int(rows.subject_pos[0])
+    edited, original, v = seen[0]
+    assert v == variant
+    torch.testing.assert_close(original[0], log_p[pos], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(edited[0], log_p[pos], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(original[0], log_p[other], atol=1e-3)
+
+
+def test_loss_stop_rule_stops_once_the_total_loss_is_below_the_threshold(tiny_llama, char_tokenizer, tiny_requests):
+    reqs = tiny_requests[:2]
+    with torch.enable_grad():
+        at_once = compute_targets(tiny_llama, char_tokenizer, reqs, 1, ["{}"], steps=5, stop_loss=1e6)
+        never = compute_targets(tiny_llama, char_tokenizer, reqs, 1, ["{}"], steps=5, stop_loss=0.0)
+    assert at_once.steps == [0, 0]  # every total loss is below 1e6 before the first update: z = h0
+    h0 = layer_output_at_subject(tiny_llama, char_tokenizer, reqs, 1)
+    torch.testing.assert_close(at_once.z, h0)
+    assert never.steps == [5, 5]
 
 
 # -- spread_residual ---------------------------------------------------------------------------------------------
@@ -300,7 +378,7 @@ def _already_satisfied_request(model, tok) -> EditRequest:
 def test_compute_targets_stops_satisfied_requests_and_keeps_requests_independent(tiny_llama, char_tokenizer):
     done = _already_satisfied_request(tiny_llama, char_tokenizer)
     hard = EditRequest(case_id="hard", prompt="The capital of {} is", subject="Spain", target_new="Rome")
-    kwargs = dict(lr=0.5, steps=6, stop_prob=0.0)
+    kwargs = dict(lr=0.5, steps=6, stop_rule="argmax", stop_prob=0.0)
     with torch.enable_grad():
         both = compute_targets(tiny_llama, char_tokenizer, [done, hard], 1, ["{}"], **kwargs)
         alone = compute_targets(tiny_llama, char_tokenizer, [hard], 1, ["{}"], **kwargs)
@@ -320,7 +398,7 @@ def test_compute_targets_requests_are_optimised_independently(tiny_gpt2, char_to
     """Each request's loss has its own shift: batching requests (rows of different lengths, several templates) must
     not change any request's target."""
     templates = ["{}", "Hi there. {}"]
-    kwargs = dict(lr=0.5, steps=5, stop_prob=1.0)
+    kwargs = dict(lr=0.5, steps=5, stop_rule="argmax", stop_prob=1.0)
     with torch.enable_grad():
         together = compute_targets(tiny_gpt2, char_tokenizer, tiny_requests, 1, templates, **kwargs)
         for j, r in enumerate(tiny_requests):

@@ -21,11 +21,12 @@ class AlphaEdit(LocateThenEdit):
 
     Args:
         nullspace_threshold: eigenvalues of ``C0`` below this span the null space edits may use (paper: 2e-2).
-        l2: ridge term added to the projected system (the paper's ``I``; the release calls it ``L2``).
+        l2: ridge term added to the projected system: the paper writes ``I`` (1); the release's hparams for Llama3-8B,
+            GPT-J and GPT2-XL all set ``L2 = 10``, the default here (docs/fidelity.md).
         **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
     """
 
-    def __init__(self, *args, nullspace_threshold: float = 2e-2, l2: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, nullspace_threshold: float = 2e-2, l2: float = 10.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if nullspace_threshold <= 0:
             raise ValueError(f"nullspace_threshold: must be positive, got {nullspace_threshold}")

@@ -20,6 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.corpus import load_corpus
 from editing.locate import (
+    KeyAveraging,
+    KLVariant,
+    StopRule,
     TargetResult,
     compute_keys,
     compute_targets,
@@ -75,7 +78,16 @@ class LocateThenEdit(EditMethod):
         kl_factor: weight of the KL term on ``"{subject} is a"`` (MEMIT: 0.0625).
         weight_decay: weight of ``||delta|| / ||h0||^2`` (MEMIT: 0.5).
         clamp_norm_factor: ``||delta|| <= clamp_norm_factor * ||h0||`` (MEMIT: 0.75).
-        stop_prob: a target stops once it is the argmax everywhere with this geometric-mean probability.
+        stop_rule: when a target stops early: ``loss`` (the releases': its total loss is below ``stop_loss``) or
+            ``argmax`` (this project's variant: the new target is the argmax at every token of every template with
+            geometric-mean probability ``stop_prob``). Default: the release's (docs/fidelity.md).
+        stop_loss: the ``loss`` rule's threshold (MEMIT/AlphaEdit/LyapLock releases: 5e-2).
+        stop_prob: the ``argmax`` rule's probability.
+        kl_variant: ``release`` (KL(edited || original) at the subject's last token of ``"{subject} is a"``, as the
+            releases' ``compute_z``) or ``last_token`` (KL(original || edited) at its last token: this project's
+            earlier variant).
+        key_averaging: ``release`` (keys: the bare prompt weighs 1/2, the generated-prefix templates share 1/2, as the
+            releases' ``compute_ks``) or ``flat`` (one mean over every template).
         context_seeds: seed words of the generated context templates (MEMIT: The, Therefore, Because, I, You).
         context_length: tokens per generated context prefix (MEMIT: 10).
         stats_corpus: ``"model"`` (text sampled from the model itself, offline), a ``.txt``/``.jsonl`` file, or
@@ -93,7 +105,11 @@ class LocateThenEdit(EditMethod):
         kl_factor: float = 0.0625,
         weight_decay: float = 0.5,
         clamp_norm_factor: float = 0.75,
+        stop_rule: StopRule = "loss",
+        stop_loss: float = 5e-2,
         stop_prob: float = 0.95,
+        kl_variant: KLVariant = "release",
+        key_averaging: KeyAveraging = "release",
         context_seeds: list[str] | None = None,
         context_length: int = 10,
         stats_corpus: str = "model",
@@ -117,8 +133,12 @@ class LocateThenEdit(EditMethod):
             kl_factor=kl_factor,
             weight_decay=weight_decay,
             clamp_norm_factor=clamp_norm_factor,
+            stop_rule=stop_rule,
+            stop_loss=stop_loss,
             stop_prob=stop_prob,
+            kl_variant=kl_variant,
         )
+        self.key_averaging = key_averaging
         self.context_seeds = context_seeds if context_seeds is not None else ["The", "Therefore", "Because", "I", "You"]
         self.context_length = context_length
         self.stats_corpus = stats_corpus
@@ -196,7 +216,9 @@ class LocateThenEdit(EditMethod):
         n = len(self.layers)
         for i, (name, weight) in enumerate(self._weights.items()):
             start = time.perf_counter()
-            keys = compute_keys(self._model, self._tokenizer, requests, name, self.templates).double()  # (d_k, n)
+            keys = compute_keys(  # (d_k, n)
+                self._model, self._tokenizer, requests, name, self.templates, self.key_averaging
+            ).double()
             h = layer_output_at_subject(self._model, self._tokenizer, requests, self.layers[-1]).double()  # (d, n)
             resid = spread_residual(z, h, i, n)  # (d_v, n)
             mid = time.perf_counter()

@@ -1,10 +1,13 @@
 """FT-L: constrained fine-tuning of one MLP output projection (ROME's baseline; Meng et al., 2022, arXiv 2202.05262).
 
 Each step runs a few Adam steps on the weight of a single MLP output projection, minimising the teacher-forced NLL of
-``target_new`` after the request prompt, and after every step clamps the change from the *original* weight to an L-inf
-ball (``|W - W0| <= norm_constraint`` elementwise). No preserved-knowledge term holds the rest of the model in place,
-so under sequential editing it degrades quickly: the baseline on which PRUNE's restraint (``callbacks.PruneRestraint``,
-DESIGN.md section 7) is easiest to see.
+``target_new`` after the request prompt, and after every Adam step clamps the change to an L-inf ball
+(``|W - W_anchor| <= norm_constraint`` elementwise). ROME's and AlphaEdit's FT-L anchor the box at the weights as they
+were when the edit began, so every edit gets a fresh box and the cumulative change is unbounded (``box: per_edit``, the
+default); ``box: original`` anchors it at the unedited weights, capping the cumulative change for good (this project's
+earlier variant). No preserved-knowledge term holds the rest of the model in place, so under sequential editing it
+degrades quickly: the baseline on which PRUNE's restraint (``callbacks.PruneRestraint``, DESIGN.md section 7) is
+easiest to see.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,7 +27,8 @@ from editing.requests import EditRequest
 
 
 class FineTune(EditMethod):
-    """FT-L: gradient steps on one layer's MLP output projection, L-inf constrained around the original weight.
+    """FT-L: gradient steps on one layer's MLP output projection, L-inf constrained around the weight at the start of
+    each edit (or the original weight).
 
     The weight is trained through a float32 master copy (so bfloat16/float16 models take exact Adam steps); only the
     edited weight carries gradients, and only while a step runs.
@@ -33,8 +38,10 @@ class FineTune(EditMethod):
             blocks MEMIT would edit (:func:`editing.models.default_mlp_layers`).
         lr: Adam learning rate (ROME's FT-L: 5e-4).
         steps: maximum gradient steps per edit batch (ROME's FT-L: 25).
-        norm_constraint: bound on ``|W - W0|`` per entry, against the original weight ``W0`` (ROME's FT-L: 5e-4);
-            ``None`` fine-tunes without a bound (plain FT).
+        norm_constraint: bound on the change of each entry (ROME's FT-L: 5e-4); ``None`` fine-tunes without a bound
+            (plain FT).
+        box: what the bound is measured from: ``per_edit`` (the weights at the start of each edit step, as ROME's and
+            AlphaEdit's releases) or ``original`` (the unedited weights, a cap on the cumulative change).
         stop_loss: stop a step early once the mean target NLL falls below this value (ROME's FT: 1e-2).
     """
 
@@ -45,6 +52,7 @@ class FineTune(EditMethod):
         steps: int = 25,
         norm_constraint: float | None = 5e-4,
         stop_loss: float = 1e-2,
+        box: Literal["per_edit", "original"] = "per_edit",
     ) -> None:
         super().__init__()
         if layer is not None and layer < 0:
@@ -62,6 +70,7 @@ class FineTune(EditMethod):
         self.steps = steps
         self.norm_constraint = norm_constraint
         self.stop_loss = stop_loss
+        self.box = box
         self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a submodule
         self._weight: EditedWeight | None = None
         self._log: dict[str, float] = {}
@@ -93,7 +102,7 @@ class FineTune(EditMethod):
         start = time.perf_counter()
         param = self._weight.parameter
         master = param.detach().float().clone()  # float32 copy that Adam updates
-        w0 = self.w0.float()
+        anchor = self.w0.float() if self.box == "original" else master.clone()
         opt = torch.optim.Adam([master], lr=self.lr)
         loss, used = float("nan"), self.steps
         param.requires_grad_(True)
@@ -111,7 +120,7 @@ class FineTune(EditMethod):
                 opt.step()
                 with torch.no_grad():
                     if self.norm_constraint is not None:
-                        master.copy_(w0 + (master - w0).clamp(-self.norm_constraint, self.norm_constraint))
+                        master.copy_(anchor + (master - anchor).clamp(-self.norm_constraint, self.norm_constraint))
                     param.copy_(master.to(param.dtype))
         finally:
             param.requires_grad_(False)

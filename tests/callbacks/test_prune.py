@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import tiny_fit_args
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import ConditionNumberMonitor, PruneRestraint
 from callbacks.prune import randomized_svd, restrain, restraint_function, singular_triplets_above
@@ -144,16 +145,23 @@ def _inflate(module: SimpleNamespace) -> tuple[str, torch.Tensor]:
     return name, W
 
 
+def _fitting(global_step: int) -> SimpleNamespace:
+    """The parts of a fitting Trainer that PRUNE's validation hooks read."""
+    return SimpleNamespace(
+        sanity_checking=False, global_step=global_step, is_global_zero=True, state=SimpleNamespace(fn=TrainerFn.FITTING)
+    )
+
+
 def test_posthoc_swaps_restrained_weights_in_for_validation_and_out_after(tiny_model, char_tokenizer, tmp_path):
     module = _bound_module(tiny_model, char_tokenizer, tmp_path)
-    trainer = SimpleNamespace(sanity_checking=False, global_step=1, is_global_zero=True)
+    trainer = _fitting(global_step=1)
     prune = PruneRestraint(export_dir=str(tmp_path / "export"))
     prune.on_fit_start(trainer, module)
     original = next(iter(prune.originals.values())).clone()
     name, W = _inflate(module)
     unrestrained = W.detach().clone()
 
-    prune.on_validation_epoch_start(trainer, module)
+    prune.on_validation_start(trainer, module)
     torch.testing.assert_close(W.double(), _reference(original, unrestrained, "e"), rtol=0, atol=1e-5)
     assert _kappa(W) < _kappa(unrestrained) and prune.restrained == {name: 1}
     # a checkpoint written mid-evaluation keeps the unrestrained weights and the originals
@@ -162,7 +170,9 @@ def test_posthoc_swaps_restrained_weights_in_for_validation_and_out_after(tiny_m
     assert torch.equal(checkpoint["state_dict"][f"model.{name}.weight"], unrestrained)
     assert torch.equal(checkpoint["callbacks"][prune.state_key]["originals"][name], original)
 
-    prune.on_validation_epoch_end(trainer, module)
+    prune.on_validation_epoch_end(trainer, module)  # other callbacks still evaluate: the restraint stays in
+    assert not torch.equal(W, unrestrained)
+    prune.on_validation_end(trainer, module)
     assert torch.equal(W, unrestrained)
 
     prune.on_fit_end(trainer, module)  # export: restrained weights on disk, unrestrained ones kept in memory
@@ -184,7 +194,7 @@ def test_inloop_restrains_in_place_every_n_steps(tiny_llama, char_tokenizer, tmp
     torch.testing.assert_close(W.double(), _reference(original, unrestrained, 2.0), rtol=0, atol=1e-5)
     assert prune.restraints == 1
     # validation does not swap anything in inloop mode
-    prune.on_validation_epoch_start(SimpleNamespace(sanity_checking=False, global_step=2), module)
+    prune.on_validation_start(_fitting(global_step=2), module)
     assert not prune._shadow
 
 
@@ -198,9 +208,9 @@ def test_should_restrain_is_the_overridable_policy(tiny_llama, char_tokenizer, t
     prune.on_fit_start(None, module)
     _, W = _inflate(module)
     before = W.detach().clone()
-    prune.on_validation_epoch_start(SimpleNamespace(sanity_checking=False, global_step=1), module)
+    prune.on_validation_start(_fitting(global_step=1), module)
     assert torch.equal(W, before)
-    prune.on_validation_epoch_start(SimpleNamespace(sanity_checking=False, global_step=2), module)
+    prune.on_validation_start(_fitting(global_step=2), module)
     assert not torch.equal(W, before)
     assert [PruneRestraint(mode="inloop", every_n_steps=3).should_restrain(s) for s in range(7)] == [
         False, False, False, True, False, False, True
@@ -332,3 +342,20 @@ def test_inloop_changes_the_editing_trajectory(tiny_run, tmp_path):
     key = "model.model.layers.2.mlp.down_proj.weight"
     assert not torch.allclose(plain[key], restrained[key])
     assert _kappa(restrained[key]) < _kappa(plain[key])
+
+
+def test_callbacks_after_prune_in_the_list_evaluate_the_restrained_weights(tiny_run, tmp_path):
+    """A callback added after PRUNE with ``callbacks+=`` (as held-out perplexity would be) sees the restrained weights
+    in ``on_validation_epoch_end``; editing still continues from the unrestrained ones."""
+    cli = cli_main(
+        _args(tiny_run, "memit_prune", tmp_path / "run", "--trainer.callbacks+=recorders.WeightsAtEvaluation")
+    )
+    prune = _callback(cli, PruneRestraint)
+    recorder = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "WeightsAtEvaluation")
+    assert cli.trainer.callbacks.index(recorder) > cli.trainer.callbacks.index(prune) and len(recorder.seen) == 3
+    final = _weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    name = "model.layers.2.mlp.down_proj"
+    unrestrained = final[f"model.{name}.weight"]
+    seen = recorder.seen[-1][name]
+    assert not torch.allclose(seen, unrestrained)
+    torch.testing.assert_close(seen.double(), _reference(prune.originals[name], unrestrained, "e"), rtol=0, atol=1e-5)

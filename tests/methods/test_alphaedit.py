@@ -131,7 +131,10 @@ NULLSPACE_THRESHOLD = {"llama": 1.0, "gpt2": 0.1}  # about half of each tiny mod
 
 def test_alphaedit_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):
     threshold = NULLSPACE_THRESHOLD[tiny_model.config.model_type]
-    method = bind(AlphaEdit(nullspace_threshold=threshold, **method_kwargs), tiny_model)
+    # The release's KL (at the shifted subject token) moves the targets of these random tiny models far
+    # (|z - h| 19-34 against 8-12 with the last-token KL), further than half a null space writes in one step; a tighter
+    # clamp keeps them writable.
+    method = bind(AlphaEdit(nullspace_threshold=threshold, clamp_norm_factor=0.3, **method_kwargs), tiny_model)
     out = edit_and_check(method, tiny_model, tiny_requests)
     for i, (name, delta) in enumerate(out["deltas"].items()):
         eigvals, eigvecs = torch.linalg.eigh(method.c0(i))
