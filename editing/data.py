@@ -118,17 +118,12 @@ class EditDataModule(LightningDataModule):
         digest = hashlib.sha256("\n".join(f"{r.case_id}\t{r.target_new}" for r in self.requests).encode())
         return digest.hexdigest()[:16]
 
-    def _loader(self, batch_size: int) -> DataLoader:
-        return DataLoader(list(enumerate(self.requests)), batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
-
     def train_dataloader(self) -> DataLoader:
         return StreamLoader(list(enumerate(self.requests)), self.edits_per_step)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_batch_size)
+        items = list(enumerate(self.requests))
+        return DataLoader(items, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_as_batch)
 
     def state_dict(self) -> dict:
         return {"stream_id": self.stream_id, "edits_per_step": self.edits_per_step}

@@ -46,27 +46,12 @@ class RequestError(ValueError):
 
 
 def _json_type(value: object) -> str:
-    """Returns the JSON name of a value's type, for error messages.
-
-    Args:
-        value: Any decoded JSON value (or Python object passed to a dataclass).
-
-    Returns:
-        ``"null"``, ``"boolean"``, ``"number"``, ``"string"``, ``"array"``, ``"object"`` or the Python type name.
-    """
+    """JSON's name for a value's type, so messages speak the file's language, not Python's."""
     return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
 
 
 def _text_problem(value: object, field: str) -> str | None:
-    """Checks that a value is a string that is not blank.
-
-    Args:
-        value: The value to check.
-        field: Field name used in the message.
-
-    Returns:
-        A message describing the problem, or None when the value is a non-blank string.
-    """
+    """The problem with a text value, or None; returned rather than raised so callers can add the location."""
     if not isinstance(value, str):
         return f"field '{field}' must be a string, got {_json_type(value)}"
     if not value.strip():
@@ -75,18 +60,7 @@ def _text_problem(value: object, field: str) -> str | None:
 
 
 def _texts_tuple(value: object, field: str) -> tuple[str, ...]:
-    """Validates a sequence of non-blank strings and returns it as a tuple.
-
-    Args:
-        value: A list or tuple of strings.
-        field: Field name used in error messages.
-
-    Returns:
-        The strings as a tuple.
-
-    Raises:
-        RequestError: If the value is not a list/tuple or an item is not a non-blank string.
-    """
+    """Tuple-ises a sequence of texts so requests stay hashable, failing on the first bad item."""
     if not isinstance(value, list | tuple):
         raise RequestError(f"field '{field}' must be a sequence of strings, got {_json_type(value)}")
     for i, item in enumerate(value):
@@ -103,19 +77,23 @@ class LocalityProbe:
     Attributes:
         prompt: Plain prompt text (no subject placeholder).
         answer: Expected continuation; tokenized later with a leading space.
+        gold_prompt: Prompt on which the gold answer is scored by the token-family specificity metric, when it
+            differs from ``prompt``. LyapLock/AlphaEdit's ZsRE "Spe." column scores the gold answer on
+            ``loc + "?"``, as MEMIT's ZsRE harness does. None means use ``prompt``.
     """
 
     prompt: str
     answer: str
+    gold_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        """Validates that prompt and answer are non-blank strings.
-
-        Raises:
-            RequestError: Naming the invalid field.
-        """
+        """Fails at construction so a bad probe never reaches a metric."""
         for name in ("prompt", "answer"):
             problem = _text_problem(getattr(self, name), name)
+            if problem:
+                raise RequestError(problem)
+        if self.gold_prompt is not None:
+            problem = _text_problem(self.gold_prompt, "gold_prompt")
             if problem:
                 raise RequestError(problem)
 
@@ -147,11 +125,7 @@ class EditRequest:
     generation_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        """Validates every field and normalizes sequences to tuples.
-
-        Raises:
-            RequestError: Naming the invalid field.
-        """
+        """Validates at construction, so a bad request fails where it is made, not inside a training step."""
         for name in ("case_id", "prompt", "subject", "target_new"):
             problem = _text_problem(getattr(self, name), name)
             if problem:
@@ -183,14 +157,7 @@ class EditRequest:
 
 @dataclass
 class _Where:
-    """Location of the record being read, used to prefix error messages.
-
-    Attributes:
-        file: File name.
-        index: 0-based record index.
-        line: 1-based line number (JSON Lines only).
-        case_id: Case id, once it has been read.
-    """
+    """Where a record sits in its file, to prefix error messages."""
 
     file: str
     index: int
@@ -198,14 +165,7 @@ class _Where:
     case_id: str | None = None
 
     def error(self, message: str) -> RequestError:
-        """Builds an error whose message starts with this location.
-
-        Args:
-            message: What is wrong with the record.
-
-        Returns:
-            The error, ready to raise.
-        """
+        """An error prefixed with the file, record, line and case id, so the bad record can be found."""
         details = [] if self.line is None else [f"line {self.line}"]
         if self.case_id is not None:
             details.append(f"case_id {self.case_id}")
@@ -214,20 +174,7 @@ class _Where:
 
 
 def _get(record: dict[str, Any], field: str, where: _Where, *, required: bool) -> Any:
-    """Looks up a possibly dotted field (``"requested_rewrite.target_new.str"``).
-
-    Args:
-        record: The decoded record.
-        field: Field name; dots descend into nested objects.
-        where: Location for error messages.
-        required: Whether a missing field is an error.
-
-    Returns:
-        The value, or None when an optional field is missing or null.
-
-    Raises:
-        RequestError: If a required field is missing or an intermediate value is not an object.
-    """
+    """Follows a dotted path (``requested_rewrite.target_new.str``); None for an absent optional field."""
     parts = field.split(".")
     value: Any = record
     for depth, key in enumerate(parts):
@@ -243,19 +190,7 @@ def _get(record: dict[str, Any], field: str, where: _Where, *, required: bool) -
 
 
 def _checked(value: object, field: str, where: _Where) -> str:
-    """Returns the value if it is a non-blank string.
-
-    Args:
-        value: The value to check.
-        field: Field name for error messages.
-        where: Location for error messages.
-
-    Returns:
-        The value.
-
-    Raises:
-        RequestError: If the value is not a string or is blank.
-    """
+    """``_text_problem`` for a value read from a file, so the error names the record."""
     problem = _text_problem(value, field)
     if problem:
         raise where.error(problem)
@@ -263,49 +198,18 @@ def _checked(value: object, field: str, where: _Where) -> str:
 
 
 def _text(record: dict[str, Any], field: str, where: _Where) -> str:
-    """Reads a required non-blank string field.
-
-    Args:
-        record: The decoded record.
-        field: Field name (possibly dotted).
-        where: Location for error messages.
-
-    Returns:
-        The string.
-    """
+    """A required text field; blank text is refused too, since it would edit or probe nothing."""
     return _checked(_get(record, field, where, required=True), field, where)
 
 
 def _optional_text(record: dict[str, Any], field: str, where: _Where) -> str | None:
-    """Reads an optional non-blank string field; missing or null gives None.
-
-    Args:
-        record: The decoded record.
-        field: Field name (possibly dotted).
-        where: Location for error messages.
-
-    Returns:
-        The string, or None.
-    """
+    """An optional text field; null counts as absent, as exporters write it for missing values."""
     value = _get(record, field, where, required=False)
     return None if value is None else _checked(value, field, where)
 
 
 def _texts(record: dict[str, Any], field: str, where: _Where, *, single: bool = False) -> tuple[str, ...]:
-    """Reads an optional list-of-strings field; missing or null gives an empty tuple.
-
-    Args:
-        record: The decoded record.
-        field: Field name (possibly dotted).
-        where: Location for error messages.
-        single: Also accept a single string, read as a one-element list.
-
-    Returns:
-        The strings as a tuple.
-
-    Raises:
-        RequestError: If the value is not a list of non-blank strings.
-    """
+    """An optional list of strings (or, with ``single``, a bare string); absent or null is empty."""
     value = _get(record, field, where, required=False)
     if value is None:
         return ()
@@ -318,19 +222,7 @@ def _texts(record: dict[str, Any], field: str, where: _Where, *, single: bool = 
 
 
 def _case_id(record: dict[str, Any], where: _Where, default: int | None = None) -> str:
-    """Reads the case id as a string and records it in ``where``.
-
-    Args:
-        record: The decoded record.
-        where: Location for error messages; its ``case_id`` is set.
-        default: Value used when the record has no ``case_id``; None makes the field required.
-
-    Returns:
-        The case id as a string.
-
-    Raises:
-        RequestError: If the case id is missing (and required), not a string/integer, or blank.
-    """
+    """Reads the case id as a string and stores it in ``where`` so later errors name it."""
     value = _get(record, "case_id", where, required=default is None)
     if value is None and default is not None:
         value = default
@@ -342,16 +234,7 @@ def _case_id(record: dict[str, Any], where: _Where, default: int | None = None) 
 
 
 def _template(record: dict[str, Any], field: str, where: _Where) -> str:
-    """Reads a prompt template that must contain the subject placeholder exactly once.
-
-    Args:
-        record: The decoded record.
-        field: Field name (possibly dotted).
-        where: Location for error messages.
-
-    Returns:
-        The template.
-    """
+    """A field that is already a template; exactly one ``{}`` so the subject position is unambiguous."""
     template = _text(record, field, where)
     count = template.count(_PLACEHOLDER)
     if count != 1:
@@ -360,20 +243,7 @@ def _template(record: dict[str, Any], field: str, where: _Where) -> str:
 
 
 def _to_template(filled: str, subject: str, field: str, where: _Where) -> str:
-    """Turns a filled prompt into a template by replacing the first occurrence of the subject.
-
-    Args:
-        filled: Prompt text containing the subject.
-        subject: The subject to replace with ``"{}"``.
-        field: Name of the field the prompt came from, for error messages.
-        where: Location for error messages.
-
-    Returns:
-        The template.
-
-    Raises:
-        RequestError: If the prompt already contains ``"{}"`` or does not contain the subject.
-    """
+    """Marks the first subject occurrence in a filled prompt, refusing a literal ``{}`` that would be ambiguous."""
     if _PLACEHOLDER in filled:
         raise where.error(f"field '{field}' contains '{_PLACEHOLDER}', which is reserved for the subject")
     if subject not in filled:
@@ -382,15 +252,7 @@ def _to_template(filled: str, subject: str, field: str, where: _Where) -> str:
 
 
 def _build(where: _Where, **fields: Any) -> EditRequest:
-    """Constructs an EditRequest, prefixing any validation error with the record location.
-
-    Args:
-        where: Location for error messages.
-        **fields: EditRequest fields.
-
-    Returns:
-        The request.
-    """
+    """Builds the request, prefixing EditRequest's own field errors with the record location."""
     try:
         return EditRequest(**fields)
     except RequestError as exc:
@@ -398,15 +260,7 @@ def _build(where: _Where, **fields: Any) -> EditRequest:
 
 
 def _from_counterfact(record: dict[str, Any], where: _Where) -> EditRequest:
-    """Reads one record in ROME's CounterFact layout.
-
-    Args:
-        record: The decoded record.
-        where: Location for error messages.
-
-    Returns:
-        The request; neighborhood prompts become locality probes answered by the true target.
-    """
+    """ROME's CounterFact layout; neighbourhood prompts are probes answered by the true target."""
     case_id = _case_id(record, where)
     prompt = _template(record, "requested_rewrite.prompt", where)
     subject = _text(record, "requested_rewrite.subject", where)
@@ -427,15 +281,7 @@ def _from_counterfact(record: dict[str, Any], where: _Where) -> EditRequest:
 
 
 def _from_zsre(record: dict[str, Any], where: _Where) -> EditRequest:
-    """Reads one record in MEND's zsRE layout; the case id is the record index.
-
-    Args:
-        record: The decoded record.
-        where: Location for error messages.
-
-    Returns:
-        The request.
-    """
+    """MEND's zsRE layout, which has no case ids: the record index stands in."""
     case_id = str(where.index)
     where.case_id = case_id
     subject = _text(record, "subject", where)
@@ -455,20 +301,12 @@ def _from_zsre(record: dict[str, Any], where: _Where) -> EditRequest:
         target_new=_text(record, "alt", where),
         target_true=answers[0] if answers else None,
         rephrase_prompts=() if rephrase is None else (rephrase,),
-        locality=() if loc is None or loc_ans is None else (LocalityProbe(loc, loc_ans),),
+        locality=() if loc is None or loc_ans is None else (LocalityProbe(loc, loc_ans, gold_prompt=loc + "?"),),
     )
 
 
 def _from_easyedit(record: dict[str, Any], where: _Where) -> EditRequest:
-    """Reads one record in EasyEdit's flattened layout.
-
-    Args:
-        record: The decoded record.
-        where: Location for error messages.
-
-    Returns:
-        The request; ``locality_prompt``/``locality_ground_truth`` (strings or equal-length lists) become probes.
-    """
+    """EasyEdit's flattened layout, where each list field may also be a bare string."""
     case_id = _case_id(record, where, default=where.index)
     subject = _text(record, "subject", where)
     prompt = _to_template(_text(record, "prompt", where), subject, "prompt", where)
@@ -492,16 +330,7 @@ def _from_easyedit(record: dict[str, Any], where: _Where) -> EditRequest:
 
 
 def _probes(record: dict[str, Any], field: str, where: _Where) -> tuple[LocalityProbe, ...]:
-    """Reads an optional list of ``{"prompt", "answer"}`` objects.
-
-    Args:
-        record: The decoded record.
-        field: Field name.
-        where: Location for error messages.
-
-    Returns:
-        The probes.
-    """
+    """Locality probes as ``{"prompt", "answer", "gold_prompt"?}`` objects."""
     items = _get(record, field, where, required=False)
     if items is None:
         return ()
@@ -516,22 +345,15 @@ def _probes(record: dict[str, Any], field: str, where: _Where) -> tuple[Locality
             if key not in item:
                 raise where.error(f"missing field '{name}.{key}'")
         prompt = _checked(item["prompt"], f"{name}.prompt", where)
-        probes.append(LocalityProbe(prompt, _checked(item["answer"], f"{name}.answer", where)))
+        answer = _checked(item["answer"], f"{name}.answer", where)
+        gold = item.get("gold_prompt")
+        gold_prompt = None if gold is None else _checked(gold, f"{name}.gold_prompt", where)
+        probes.append(LocalityProbe(prompt, answer, gold_prompt=gold_prompt))
     return tuple(probes)
 
 
 def _from_canonical(record: dict[str, Any], where: _Where) -> EditRequest:
-    """Reads one record in the canonical layout (the ``jsonl`` format).
-
-    A ``prompt`` without ``"{}"`` is accepted when it contains the subject; it is converted to a template.
-
-    Args:
-        record: The decoded record.
-        where: Location for error messages.
-
-    Returns:
-        The request.
-    """
+    """The canonical layout; a filled prompt holding the subject is turned into a template."""
     case_id = _case_id(record, where)
     subject = _text(record, "subject", where)
     prompt = _text(record, "prompt", where)
@@ -561,17 +383,7 @@ _READERS: dict[str, Callable[[dict[str, Any], _Where], EditRequest]] = {
 
 
 def _read_text(path: Path) -> str:
-    """Reads a UTF-8 file (a leading byte-order mark is ignored).
-
-    Args:
-        path: File to read.
-
-    Returns:
-        The file contents.
-
-    Raises:
-        RequestError: If the file is missing, not a regular file, unreadable or not UTF-8.
-    """
+    """Reads UTF-8 (ignoring a byte-order mark), turning OS errors into messages naming the file."""
     if not path.exists():
         raise RequestError(f"{path.name}: file does not exist: {path}")
     if not path.is_file():
@@ -585,18 +397,7 @@ def _read_text(path: Path) -> str:
 
 
 def _json_list(text: str, name: str) -> list[Any]:
-    """Parses a JSON document whose top level must be a list of records.
-
-    Args:
-        text: File contents.
-        name: File name for error messages.
-
-    Returns:
-        The decoded list.
-
-    Raises:
-        RequestError: If the text is not valid JSON or the top level is not a list.
-    """
+    """Parses a JSON list of records; hints at JSON Lines when a second document follows the first."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -608,19 +409,7 @@ def _json_list(text: str, name: str) -> list[Any]:
 
 
 def _json_lines(text: str, name: str, limit: int | None) -> Iterator[tuple[Any, _Where]]:
-    """Parses JSON Lines lazily, skipping blank lines and stopping after ``limit`` records.
-
-    Args:
-        text: File contents.
-        name: File name for error messages.
-        limit: Maximum number of records, or None for all.
-
-    Yields:
-        Each decoded record with its location.
-
-    Raises:
-        RequestError: If a line is not valid JSON.
-    """
+    """Parses JSON Lines lazily, so ``limit`` also bounds the parsing; blank lines are skipped."""
     index = 0
     for line_no, line in enumerate(text.split("\n"), start=1):
         if limit is not None and index >= limit:
@@ -637,18 +426,7 @@ def _json_lines(text: str, name: str, limit: int | None) -> Iterator[tuple[Any, 
 
 
 def _detect(first: object, name: str) -> str:
-    """Detects the layout of a JSON list from the keys of its first record.
-
-    Args:
-        first: The first record.
-        name: File name for error messages.
-
-    Returns:
-        One of :data:`FORMATS`.
-
-    Raises:
-        RequestError: If the record is not an object or its keys match no layout.
-    """
+    """Guesses the layout from the first record's keys, checking EasyEdit before canonical (it has their keys too)."""
     where = _Where(name, 0)
     if not isinstance(first, dict):
         raise where.error(f"record is not a JSON object, got {_json_type(first)}")
@@ -673,10 +451,11 @@ def read_requests(path: str | Path, format: str = "auto", limit: int | None = No
         ``counterfact``: ROME's CounterFact JSON list (``requested_rewrite``, ``paraphrase_prompts``,
         ``neighborhood_prompts``, ``generation_prompts``, ``case_id``).
         ``zsre``: MEND's zsRE JSON list (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``, ``loc``,
-        ``loc_ans``); the case id is the record index.
+        ``loc_ans``); the case id is the record index and the locality probe's ``gold_prompt`` is ``loc + "?"``.
         ``easyedit``: EasyEdit's JSON list (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
         ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``, optional ``case_id``).
-        ``jsonl``: canonical records, one JSON object per line (a JSON list of them is accepted too).
+        ``jsonl``: canonical records, one JSON object per line (a JSON list of them is accepted too); each
+        ``locality`` item is ``{"prompt", "answer"}`` with an optional ``"gold_prompt"``.
         ``auto``: ``.jsonl`` suffix means ``jsonl``; otherwise the layout of a JSON list is detected from the
         keys of its first record.
 

@@ -84,21 +84,41 @@ def _record(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return record
 
 
+def _rewrite(**changes: Any) -> dict[str, Any]:
+    """CounterFact's ``requested_rewrite`` with keys replaced as by ``_record``."""
+    return _record(COUNTERFACT_RECORD["requested_rewrite"], **changes)
+
+
+def _bad(base: dict[str, Any], *, good: int = 0, **changes: Any) -> list[dict[str, Any]]:
+    """``good`` valid copies of ``base``, then one with ``changes`` applied as by ``_record``."""
+    return [base] * good + [_record(base, **changes)]
+
+
+def _json(records: Any) -> str:
+    """``records`` as one JSON document (indented, like the real files)."""
+    return json.dumps(records, indent=1)
+
+
+def _lines(records: list[Any]) -> str:
+    """``records`` as JSON Lines."""
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
 def _write_json(tmp_path: Path, records: Any, name: str = "data.json") -> Path:
-    """Writes ``records`` as one JSON document (indented, like the real files)."""
     path = tmp_path / name
-    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    path.write_text(_json(records), encoding="utf-8")
     return path
 
 
 def _write_jsonl(tmp_path: Path, records: list[Any], name: str = "data.jsonl") -> Path:
-    """Writes ``records`` one JSON document per line."""
     path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    path.write_text(_lines(records), encoding="utf-8")
     return path
 
 
 # --------------------------------------------------------------------------------------------- record types
+
+_FIELDS: dict[str, Any] = {"case_id": "1", "prompt": "{} is", "subject": "a", "target_new": "b"}
 
 
 def test_edit_request_text_fills_subject_without_format() -> None:
@@ -106,27 +126,38 @@ def test_edit_request_text_fills_subject_without_format() -> None:
     assert request.text == "In Paris the set {a, b} is"
 
 
-def test_edit_request_rejects_several_placeholders() -> None:
-    with pytest.raises(RequestError, match=r"field 'prompt' must contain '\{\}' exactly once, found 2"):
-        EditRequest(case_id="1", prompt="{} and {}", subject="a", target_new="b")
-
-
-def test_edit_request_rejects_missing_placeholder() -> None:
-    with pytest.raises(RequestError, match=r"field 'prompt' .* found 0"):
-        EditRequest(case_id="1", prompt="no placeholder", subject="a", target_new="b")
-
-
-@pytest.mark.parametrize("field", ["case_id", "prompt", "subject", "target_new", "target_true"])
-def test_edit_request_rejects_blank_fields(field: str) -> None:
-    fields = {"case_id": "1", "prompt": "{} is", "subject": "a", "target_new": "b", "target_true": "c"}
-    fields[field] = "   "
-    with pytest.raises(RequestError, match=f"field '{field}' is empty"):
-        EditRequest(**fields)
-
-
-def test_edit_request_rejects_non_string_field() -> None:
-    with pytest.raises(RequestError, match="field 'target_new' must be a string, got number"):
-        EditRequest(case_id="1", prompt="{} is", subject="a", target_new=3)  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param(
+            {"prompt": "{} and {}"},
+            r"field 'prompt' must contain '\{\}' exactly once, found 2",
+            id="several-placeholders",
+        ),
+        pytest.param({"prompt": "no placeholder"}, r"field 'prompt' .* found 0", id="missing-placeholder"),
+        *(
+            pytest.param({field: "   "}, f"field '{field}' is empty", id=f"blank-{field}")
+            for field in ("case_id", "prompt", "subject", "target_new", "target_true")
+        ),
+        pytest.param({"target_new": 3}, "field 'target_new' must be a string, got number", id="target-new-number"),
+        pytest.param(
+            {"rephrase_prompts": ("ok", "")}, r"field 'rephrase_prompts\[1\]' is empty", id="rephrase-item-blank"
+        ),
+        pytest.param(
+            {"generation_prompts": "g"},
+            "field 'generation_prompts' must be a sequence of strings, got string",
+            id="generation-prompts-string",
+        ),
+        pytest.param(
+            {"locality": ({"prompt": "p"},)},
+            r"field 'locality\[0\]' must be a LocalityProbe, got object",
+            id="locality-item-dict",
+        ),
+    ],
+)
+def test_edit_request_rejects(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        EditRequest(**{**_FIELDS, **changes})
 
 
 def test_edit_request_normalizes_lists_to_tuples_and_is_hashable() -> None:
@@ -145,26 +176,35 @@ def test_edit_request_normalizes_lists_to_tuples_and_is_hashable() -> None:
     assert hash(request) == hash(copy.deepcopy(request))
 
 
-def test_edit_request_rejects_bad_sequences() -> None:
-    with pytest.raises(RequestError, match=r"field 'rephrase_prompts\[1\]' is empty"):
-        EditRequest(case_id="1", prompt="{} is", subject="a", target_new="b", rephrase_prompts=("ok", ""))
-    with pytest.raises(RequestError, match="field 'generation_prompts' must be a sequence of strings, got string"):
-        EditRequest(case_id="1", prompt="{} is", subject="a", target_new="b", generation_prompts="g")  # type: ignore[arg-type]
-    with pytest.raises(RequestError, match=r"field 'locality\[0\]' must be a LocalityProbe, got object"):
-        EditRequest(case_id="1", prompt="{} is", subject="a", target_new="b", locality=({"prompt": "p"},))  # type: ignore[arg-type]
-
-
 def test_edit_request_is_frozen() -> None:
     request = EditRequest(case_id="1", prompt="{} is", subject="a", target_new="b")
     with pytest.raises(AttributeError):
         request.subject = "c"  # type: ignore[misc]
 
 
-def test_locality_probe_validates() -> None:
-    with pytest.raises(RequestError, match="field 'answer' is empty"):
-        LocalityProbe("prompt", " ")
-    with pytest.raises(RequestError, match="field 'prompt' must be a string, got null"):
-        LocalityProbe(None, "a")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param({"prompt": "prompt", "answer": " "}, "field 'answer' is empty", id="blank-answer"),
+        pytest.param({"prompt": None, "answer": "a"}, "field 'prompt' must be a string, got null", id="null-prompt"),
+        pytest.param(
+            {"prompt": "p", "answer": "a", "gold_prompt": " "}, "field 'gold_prompt' is empty", id="blank-gold-prompt"
+        ),
+        pytest.param(
+            {"prompt": "p", "answer": "a", "gold_prompt": 3},
+            "field 'gold_prompt' must be a string, got number",
+            id="gold-prompt-number",
+        ),
+    ],
+)
+def test_locality_probe_rejects(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        LocalityProbe(**fields)
+
+
+def test_locality_probe_gold_prompt_defaults_to_none() -> None:
+    assert LocalityProbe("p", "a").gold_prompt is None
+    assert LocalityProbe("p", "a", gold_prompt="p?").gold_prompt == "p?"
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -205,7 +245,7 @@ def test_read_zsre(tmp_path: Path) -> None:
         target_new="unmanned aircraft",
         target_true="uniform",
         rephrase_prompts=("What will be the product of UniFirst?",),
-        locality=(LocalityProbe("nq question: john goodman's character in the big lebowski", "Walter Sobchak"),),
+        locality=(LocalityProbe(ZSRE_RECORD["loc"], "Walter Sobchak", gold_prompt=ZSRE_RECORD["loc"] + "?"),),
     )
     assert first.text == ZSRE_RECORD["src"]
     assert second.case_id == "1"
@@ -275,6 +315,18 @@ def test_read_jsonl(tmp_path: Path) -> None:
     assert other.locality == ()
 
 
+def test_read_jsonl_locality_gold_prompt(tmp_path: Path) -> None:
+    locality = [
+        {"prompt": "The capital of Spain is", "answer": "Madrid", "gold_prompt": "The capital of Spain is?"},
+        {"prompt": "The capital of Italy is", "answer": "Rome", "gold_prompt": None},
+    ]
+    (request,) = read_requests(_write_jsonl(tmp_path, [_record(CANONICAL_RECORD, locality=locality)]))
+    assert request.locality == (
+        LocalityProbe("The capital of Spain is", "Madrid", gold_prompt="The capital of Spain is?"),
+        LocalityProbe("The capital of Italy is", "Rome"),
+    )
+
+
 def test_read_jsonl_accepts_filled_prompt(tmp_path: Path) -> None:
     record = _record(CANONICAL_RECORD, prompt="The capital of France is")
     (request,) = read_requests(_write_jsonl(tmp_path, [record]))
@@ -324,23 +376,6 @@ def test_explicit_jsonl_accepts_json_list(tmp_path: Path) -> None:
     assert request.case_id == "cf-1"
 
 
-def test_auto_rejects_unknown_layout(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [{"question": "q", "answer": "a"}], "odd.json")
-    with pytest.raises(RequestError, match=r"odd\.json: record 0: cannot detect the format .*'answer', 'question'"):
-        read_requests(path)
-
-
-def test_auto_rejects_non_object_first_record(tmp_path: Path) -> None:
-    with pytest.raises(RequestError, match="record 0: record is not a JSON object, got string"):
-        read_requests(_write_json(tmp_path, ["text"]))
-
-
-def test_auto_hints_at_jsonl_for_json_lines_with_json_suffix(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [CANONICAL_RECORD, CANONICAL_RECORD], "lines.json")
-    with pytest.raises(RequestError, match=r"lines\.json: invalid JSON at line 2, column 1: Extra data .*\.jsonl"):
-        read_requests(path)
-
-
 def test_limit_returns_first_records_and_validates_only_those(tmp_path: Path) -> None:
     bad = _record(ZSRE_RECORD, alt="")
     path = _write_json(tmp_path, [ZSRE_RECORD, ZSRE_RECORD, bad])
@@ -362,262 +397,265 @@ def test_limit_stops_reading_jsonl(tmp_path: Path) -> None:
         read_requests(path)
 
 
-@pytest.mark.parametrize("limit", [0, -3, 1.5, True])
-def test_invalid_limit(tmp_path: Path, limit: Any) -> None:
-    path = _write_json(tmp_path, [ZSRE_RECORD], "zsre.json")
-    with pytest.raises(RequestError, match=r"zsre\.json: limit must be an integer >= 1"):
-        read_requests(path, limit=limit)
-
-
-# --------------------------------------------------------------------------------------------- file errors
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(RequestError, match=r"nope\.json: file does not exist"):
-        read_requests(tmp_path / "nope.json")
-
-
-def test_directory_is_not_a_file(tmp_path: Path) -> None:
-    with pytest.raises(RequestError, match="not a regular file"):
-        read_requests(tmp_path)
-
-
-def test_unknown_format(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [ZSRE_RECORD])
-    with pytest.raises(RequestError, match="unknown format 'rome'; expected 'auto' or one of " + ", ".join(FORMATS)):
-        read_requests(path, format="rome")
-
-
-def test_invalid_json_names_line(tmp_path: Path) -> None:
-    path = tmp_path / "broken.json"
-    path.write_text('[\n {"src": "a",\n  "alt": }\n]\n', encoding="utf-8")
-    with pytest.raises(RequestError, match=r"broken\.json: invalid JSON at line 3, column 10: Expecting value"):
-        read_requests(path, format="zsre")
-
-
-def test_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.json"
-    path.write_bytes(b'["caf\xe9"]')
-    with pytest.raises(RequestError, match=r"latin1\.json: not valid UTF-8"):
-        read_requests(path)
-
-
-@pytest.mark.parametrize("fmt", ["counterfact", "zsre", "easyedit", "auto"])
-def test_top_level_must_be_list(tmp_path: Path, fmt: str) -> None:
-    path = _write_json(tmp_path, {"data": [ZSRE_RECORD]}, "obj.json")
-    with pytest.raises(RequestError, match=r"obj\.json: top level must be a JSON list of records, got object"):
-        read_requests(path, format=fmt)
-
-
-def test_record_not_an_object(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [ZSRE_RECORD, ["not", "a", "dict"]], "zsre.json")
-    with pytest.raises(RequestError, match=r"zsre\.json: record 1: record is not a JSON object, got array"):
-        read_requests(path)
-
-
-def test_jsonl_record_not_an_object(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    path.write_text(f"\n{json.dumps(CANONICAL_RECORD)}\n[1, 2]\n", encoding="utf-8")
-    with pytest.raises(RequestError, match=r"data\.jsonl: record 1 \(line 3\): record is not a JSON object, got array"):
-        read_requests(path)
-
-
-def test_jsonl_invalid_json_names_record_and_line(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    path.write_text(f'{json.dumps(CANONICAL_RECORD)}\n\n{{"case_id": 1,}}\n', encoding="utf-8")
-    with pytest.raises(RequestError, match=r"data\.jsonl: record 1 \(line 3\): invalid JSON at column \d+"):
-        read_requests(path)
-
-
-# --------------------------------------------------------------------------------------------- record errors
-
-
-def _counterfact_with(tmp_path: Path, rewrite_changes: dict[str, Any], index: int = 1) -> Path:
-    """Writes a counterfact file whose record ``index`` has ``requested_rewrite`` keys changed."""
-    bad = copy.deepcopy(COUNTERFACT_RECORD)
-    for key, value in rewrite_changes.items():
-        if value is ...:
-            del bad["requested_rewrite"][key]
-        else:
-            bad["requested_rewrite"][key] = value
-    records = [COUNTERFACT_RECORD] * index + [bad]
-    return _write_json(tmp_path, records, "counterfact.json")
-
-
-def test_counterfact_empty_target(tmp_path: Path) -> None:
-    path = _counterfact_with(tmp_path, {"target_new": {"str": "  ", "id": "Q1"}})
-    expected = r"counterfact\.json: record 1 \(case_id 3648\): field 'requested_rewrite\.target_new\.str' is empty"
-    with pytest.raises(RequestError, match=expected):
-        read_requests(path)
-
-
-def test_counterfact_missing_nested_field(tmp_path: Path) -> None:
-    path = _counterfact_with(tmp_path, {"target_true": ...}, index=0)
-    with pytest.raises(
-        RequestError, match=r"record 0 \(case_id 3648\): missing field 'requested_rewrite\.target_true'"
-    ):
-        read_requests(path)
-
-
-def test_counterfact_nested_value_not_object(tmp_path: Path) -> None:
-    path = _counterfact_with(tmp_path, {"target_new": "Antarctica"})
-    with pytest.raises(
-        RequestError, match=r"record 1 .*field 'requested_rewrite\.target_new' must be an object, got string"
-    ):
-        read_requests(path)
-
-
-def test_counterfact_prompt_without_placeholder(tmp_path: Path) -> None:
-    path = _counterfact_with(tmp_path, {"prompt": "Angola is located in"})
-    with pytest.raises(
-        RequestError, match=r"record 1 .*field 'requested_rewrite\.prompt' must contain '\{\}' exactly once"
-    ):
-        read_requests(path)
-
-
-def test_counterfact_missing_case_id(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(COUNTERFACT_RECORD, case_id=...)], "counterfact.json")
-    with pytest.raises(RequestError, match=r"counterfact\.json: record 0: missing field 'case_id'"):
-        read_requests(path)
-
-
-@pytest.mark.parametrize("case_id", [True, 1.5, None, ["x"]])
-def test_case_id_wrong_type(tmp_path: Path, case_id: Any) -> None:
-    path = _write_json(tmp_path, [_record(COUNTERFACT_RECORD, case_id=case_id)], "counterfact.json")
-    with pytest.raises(RequestError, match="record 0: field 'case_id' must be a string or an integer"):
-        read_requests(path)
-
-
-def test_counterfact_paraphrases_not_list(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(COUNTERFACT_RECORD, paraphrase_prompts="one prompt")], "counterfact.json")
-    with pytest.raises(
-        RequestError, match=r"record 0 .*field 'paraphrase_prompts' must be a list of strings, got string"
-    ):
-        read_requests(path)
-
-
-def test_counterfact_neighborhood_item_wrong_type(tmp_path: Path) -> None:
-    record = _record(COUNTERFACT_RECORD, neighborhood_prompts=["Ghana is in", 3])
-    path = _write_json(tmp_path, [record], "counterfact.json")
-    with pytest.raises(RequestError, match=r"field 'neighborhood_prompts\[1\]' must be a string, got number"):
-        read_requests(path)
-
-
-def test_zsre_empty_target(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [ZSRE_RECORD, ZSRE_RECORD, _record(ZSRE_RECORD, alt="")], "zsre.json")
-    with pytest.raises(RequestError, match=r"zsre\.json: record 2 \(case_id 2\): field 'alt' is empty"):
-        read_requests(path)
-
-
-def test_zsre_subject_not_in_prompt(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(ZSRE_RECORD, subject="Acme")], "zsre.json")
-    with pytest.raises(RequestError, match=r"record 0 \(case_id 0\): subject 'Acme' does not occur in field 'src'"):
-        read_requests(path)
-
-
-def test_zsre_missing_field(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [ZSRE_RECORD, _record(ZSRE_RECORD, subject=...)], "zsre.json")
-    with pytest.raises(RequestError, match=r"record 1 \(case_id 1\): missing field 'subject'"):
-        read_requests(path, format="zsre")
-
-
-def test_zsre_wrong_target_type(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(ZSRE_RECORD, alt=2006)])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'alt' must be a string, got number"):
-        read_requests(path)
-
-
-def test_zsre_answers_not_list(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(ZSRE_RECORD, answers="uniform")])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'answers' must be a list of strings, got string"):
-        read_requests(path)
-
-
-def test_zsre_loc_without_answer(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(ZSRE_RECORD, loc_ans=...)])
-    with pytest.raises(RequestError, match=r"record 0 .*missing field 'loc_ans' \(required when 'loc' is given\)"):
-        read_requests(path)
-
-
-def test_zsre_prompt_with_literal_placeholder(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(ZSRE_RECORD, src="What is {} made by UniFirst?")])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'src' contains '\{\}'"):
-        read_requests(path)
-
-
-def test_easyedit_subject_not_in_prompt(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(EASYEDIT_RECORD, subject="Nobody")], "ee.json")
-    with pytest.raises(
-        RequestError, match=r"record 0 \(case_id 7\): subject 'Nobody' does not occur in field 'prompt'"
-    ):
-        read_requests(path)
-
-
-def test_easyedit_locality_length_mismatch(tmp_path: Path) -> None:
-    record = _record(EASYEDIT_RECORD, locality_prompt=["a", "b"], locality_ground_truth=["x"])
-    path = _write_json(tmp_path, [record])
-    with pytest.raises(RequestError, match=r"record 0 .*'locality_prompt' and 'locality_ground_truth' .*\(2 and 1\)"):
-        read_requests(path)
-
-
-def test_easyedit_rephrase_wrong_type(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(EASYEDIT_RECORD, rephrase_prompt={"text": "x"})])
-    with pytest.raises(RequestError, match="field 'rephrase_prompt' must be a string or a list of strings, got object"):
-        read_requests(path)
-
-
-def test_easyedit_empty_target(tmp_path: Path) -> None:
-    path = _write_json(tmp_path, [_record(EASYEDIT_RECORD, target_new="")])
-    with pytest.raises(RequestError, match=r"record 0 \(case_id 7\): field 'target_new' is empty"):
-        read_requests(path)
-
-
-def test_jsonl_missing_field_names_line(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [CANONICAL_RECORD, _record(CANONICAL_RECORD, target_new=...)])
-    with pytest.raises(
-        RequestError, match=r"data\.jsonl: record 1 \(line 2, case_id cf-1\): missing field 'target_new'"
-    ):
-        read_requests(path)
-
-
-def test_jsonl_subject_not_in_prompt(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [_record(CANONICAL_RECORD, prompt="The capital of Italy is")])
-    with pytest.raises(
-        RequestError, match=r"record 0 \(line 1, case_id cf-1\): subject 'France' does not occur in field 'prompt'"
-    ):
-        read_requests(path)
-
-
-def test_jsonl_rephrase_prompts_not_list_of_strings(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [_record(CANONICAL_RECORD, rephrase_prompts=["ok", None])])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'rephrase_prompts\[1\]' must be a string, got null"):
-        read_requests(path)
-
-
-def test_jsonl_empty_target_true(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [_record(CANONICAL_RECORD, target_true=" ")])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'target_true' is empty"):
-        read_requests(path)
+# --------------------------------------------------------------------------------------------- read errors
+
+_DIRECTORY = object()  # content marker: create a directory instead of a file
+
+
+def _case(case: str, name: str, content: Any, message: str, **kwargs: Any) -> Any:
+    """A ``test_read_rejects_file`` row: file name, content (None: no file), read kwargs, expected message."""
+    return pytest.param(name, content, kwargs, message, id=case)
+
+
+_FILE_ERRORS = [
+    _case("missing-file", "nope.json", None, r"nope\.json: file does not exist"),
+    _case("directory", "folder", _DIRECTORY, "not a regular file"),
+    _case("not-utf8", "latin1.json", b'["caf\xe9"]', r"latin1\.json: not valid UTF-8"),
+    _case(
+        "unknown-format",
+        "data.json",
+        _json([ZSRE_RECORD]),
+        "unknown format 'rome'; expected 'auto' or one of " + ", ".join(FORMATS),
+        format="rome",
+    ),
+    *(
+        _case(
+            f"limit-{limit}",
+            "zsre.json",
+            _json([ZSRE_RECORD]),
+            r"zsre\.json: limit must be an integer >= 1",
+            limit=limit,
+        )
+        for limit in (0, -3, 1.5, True)
+    ),
+    _case(
+        "invalid-json",
+        "broken.json",
+        '[\n {"src": "a",\n  "alt": }\n]\n',
+        r"broken\.json: invalid JSON at line 3, column 10: Expecting value",
+        format="zsre",
+    ),
+    *(
+        _case(
+            f"top-level-object-{fmt}",
+            "obj.json",
+            _json({"data": [ZSRE_RECORD]}),
+            r"obj\.json: top level must be a JSON list of records, got object",
+            format=fmt,
+        )
+        for fmt in ("counterfact", "zsre", "easyedit", "auto")
+    ),
+    _case(
+        "auto-unknown-layout",
+        "odd.json",
+        _json([{"question": "q", "answer": "a"}]),
+        r"odd\.json: record 0: cannot detect the format .*'answer', 'question'",
+    ),
+    _case(
+        "auto-first-record-not-object",
+        "data.json",
+        _json(["text"]),
+        "record 0: record is not a JSON object, got string",
+    ),
+    _case(
+        "auto-json-lines-with-json-suffix",
+        "lines.json",
+        _lines([CANONICAL_RECORD, CANONICAL_RECORD]),
+        r"lines\.json: invalid JSON at line 2, column 1: Extra data .*\.jsonl",
+    ),
+    _case(
+        "record-not-object",
+        "zsre.json",
+        _json([ZSRE_RECORD, ["not", "a", "dict"]]),
+        r"zsre\.json: record 1: record is not a JSON object, got array",
+    ),
+    _case(
+        "jsonl-record-not-object",
+        "data.jsonl",
+        f"\n{json.dumps(CANONICAL_RECORD)}\n[1, 2]\n",
+        r"data\.jsonl: record 1 \(line 3\): record is not a JSON object, got array",
+    ),
+    _case(
+        "jsonl-invalid-json",
+        "data.jsonl",
+        f'{json.dumps(CANONICAL_RECORD)}\n\n{{"case_id": 1,}}\n',
+        r"data\.jsonl: record 1 \(line 3\): invalid JSON at column \d+",
+    ),
+]
+
+# Rows per layout: (case, records, expected message); the file is read with format="auto".
+_RECORD_ERRORS: dict[str, list[tuple[str, list[Any], str]]] = {
+    "counterfact": [
+        (
+            "empty-target",
+            _bad(COUNTERFACT_RECORD, good=1, requested_rewrite=_rewrite(target_new={"str": "  ", "id": "Q1"})),
+            r"counterfact\.json: record 1 \(case_id 3648\): field 'requested_rewrite\.target_new\.str' is empty",
+        ),
+        (
+            "missing-nested-field",
+            _bad(COUNTERFACT_RECORD, requested_rewrite=_rewrite(target_true=...)),
+            r"record 0 \(case_id 3648\): missing field 'requested_rewrite\.target_true'",
+        ),
+        (
+            "nested-value-not-object",
+            _bad(COUNTERFACT_RECORD, good=1, requested_rewrite=_rewrite(target_new="Antarctica")),
+            r"record 1 .*field 'requested_rewrite\.target_new' must be an object, got string",
+        ),
+        (
+            "prompt-without-placeholder",
+            _bad(COUNTERFACT_RECORD, good=1, requested_rewrite=_rewrite(prompt="Angola is located in")),
+            r"record 1 .*field 'requested_rewrite\.prompt' must contain '\{\}' exactly once",
+        ),
+        (
+            "missing-case-id",
+            _bad(COUNTERFACT_RECORD, case_id=...),
+            r"counterfact\.json: record 0: missing field 'case_id'",
+        ),
+        *(
+            (
+                f"case-id-{kind}",
+                _bad(COUNTERFACT_RECORD, case_id=value),
+                "record 0: field 'case_id' must be a string or an integer",
+            )
+            for kind, value in (("boolean", True), ("float", 1.5), ("null", None), ("list", ["x"]))
+        ),
+        (
+            "paraphrases-not-list",
+            _bad(COUNTERFACT_RECORD, paraphrase_prompts="one prompt"),
+            r"record 0 .*field 'paraphrase_prompts' must be a list of strings, got string",
+        ),
+        (
+            "neighborhood-item-number",
+            _bad(COUNTERFACT_RECORD, neighborhood_prompts=["Ghana is in", 3]),
+            r"field 'neighborhood_prompts\[1\]' must be a string, got number",
+        ),
+    ],
+    "zsre": [
+        (
+            "empty-target",
+            _bad(ZSRE_RECORD, good=2, alt=""),
+            r"zsre\.json: record 2 \(case_id 2\): field 'alt' is empty",
+        ),
+        (
+            "subject-not-in-prompt",
+            _bad(ZSRE_RECORD, subject="Acme"),
+            r"record 0 \(case_id 0\): subject 'Acme' does not occur in field 'src'",
+        ),
+        ("missing-field", _bad(ZSRE_RECORD, good=1, subject=...), r"record 1 \(case_id 1\): missing field 'subject'"),
+        ("target-number", _bad(ZSRE_RECORD, alt=2006), r"record 0 .*field 'alt' must be a string, got number"),
+        (
+            "answers-not-list",
+            _bad(ZSRE_RECORD, answers="uniform"),
+            r"record 0 .*field 'answers' must be a list of strings, got string",
+        ),
+        (
+            "loc-without-answer",
+            _bad(ZSRE_RECORD, loc_ans=...),
+            r"record 0 .*missing field 'loc_ans' \(required when 'loc' is given\)",
+        ),
+        (
+            "literal-placeholder",
+            _bad(ZSRE_RECORD, src="What is {} made by UniFirst?"),
+            r"record 0 .*field 'src' contains '\{\}'",
+        ),
+    ],
+    "easyedit": [
+        (
+            "subject-not-in-prompt",
+            _bad(EASYEDIT_RECORD, subject="Nobody"),
+            r"record 0 \(case_id 7\): subject 'Nobody' does not occur in field 'prompt'",
+        ),
+        (
+            "locality-length-mismatch",
+            _bad(EASYEDIT_RECORD, locality_prompt=["a", "b"], locality_ground_truth=["x"]),
+            r"record 0 .*'locality_prompt' and 'locality_ground_truth' .*\(2 and 1\)",
+        ),
+        (
+            "rephrase-object",
+            _bad(EASYEDIT_RECORD, rephrase_prompt={"text": "x"}),
+            "field 'rephrase_prompt' must be a string or a list of strings, got object",
+        ),
+        ("empty-target", _bad(EASYEDIT_RECORD, target_new=""), r"record 0 \(case_id 7\): field 'target_new' is empty"),
+    ],
+    "jsonl": [
+        (
+            "missing-field",
+            _bad(CANONICAL_RECORD, good=1, target_new=...),
+            r"data\.jsonl: record 1 \(line 2, case_id cf-1\): missing field 'target_new'",
+        ),
+        (
+            "subject-not-in-prompt",
+            _bad(CANONICAL_RECORD, prompt="The capital of Italy is"),
+            r"record 0 \(line 1, case_id cf-1\): subject 'France' does not occur in field 'prompt'",
+        ),
+        (
+            "rephrase-item-null",
+            _bad(CANONICAL_RECORD, rephrase_prompts=["ok", None]),
+            r"record 0 .*field 'rephrase_prompts\[1\]' must be a string, got null",
+        ),
+        ("empty-target-true", _bad(CANONICAL_RECORD, target_true=" "), r"record 0 .*field 'target_true' is empty"),
+        (
+            "several-placeholders",
+            _bad(CANONICAL_RECORD, prompt="{} and {}"),
+            r"record 0 .*field 'prompt' must contain '\{\}' exactly once, found 2",
+        ),
+        *(
+            (
+                f"locality-{kind}",
+                _bad(CANONICAL_RECORD, locality=locality),
+                r"record 0 \(line 1, case_id cf-1\): " + message,
+            )
+            for kind, locality, message in (
+                ("string", "x", r"field 'locality' must be a list of objects, got string"),
+                ("item-string", ["x"], r"field 'locality\[0\]' must be an object, got string"),
+                ("missing-answer", [{"prompt": "p"}], r"missing field 'locality\[0\]\.answer'"),
+                (
+                    "answer-number",
+                    [{"prompt": "p", "answer": 1}],
+                    r"field 'locality\[0\]\.answer' must be a string, got number",
+                ),
+                (
+                    "blank-gold-prompt",
+                    [{"prompt": "p", "answer": "a", "gold_prompt": " "}],
+                    r"field 'locality\[0\]\.gold_prompt' is empty",
+                ),
+            )
+        ),
+    ],
+}
+_FILE_NAMES = {
+    "counterfact": "counterfact.json",
+    "zsre": "zsre.json",
+    "easyedit": "easyedit.json",
+    "jsonl": "data.jsonl",
+}
+
+
+@pytest.mark.parametrize(("name", "content", "kwargs", "message"), _FILE_ERRORS)
+def test_read_rejects_file(tmp_path: Path, name: str, content: Any, kwargs: dict[str, Any], message: str) -> None:
+    path = tmp_path / name
+    if content is _DIRECTORY:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(RequestError, match=message):
+        read_requests(path, **kwargs)
 
 
 @pytest.mark.parametrize(
-    ("locality", "message"),
+    ("layout", "records", "message"),
     [
-        ("x", r"field 'locality' must be a list of objects, got string"),
-        (["x"], r"field 'locality\[0\]' must be an object, got string"),
-        ([{"prompt": "p"}], r"missing field 'locality\[0\]\.answer'"),
-        ([{"prompt": "p", "answer": 1}], r"field 'locality\[0\]\.answer' must be a string, got number"),
+        pytest.param(layout, records, message, id=f"{layout}-{case}")
+        for layout, rows in _RECORD_ERRORS.items()
+        for case, records, message in rows
     ],
 )
-def test_jsonl_bad_locality(tmp_path: Path, locality: Any, message: str) -> None:
-    path = _write_jsonl(tmp_path, [_record(CANONICAL_RECORD, locality=locality)])
-    with pytest.raises(RequestError, match=r"record 0 \(line 1, case_id cf-1\): " + message):
-        read_requests(path)
-
-
-def test_jsonl_several_placeholders(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path, [_record(CANONICAL_RECORD, prompt="{} and {}")])
-    with pytest.raises(RequestError, match=r"record 0 .*field 'prompt' must contain '\{\}' exactly once, found 2"):
+def test_read_rejects_record(tmp_path: Path, layout: str, records: list[Any], message: str) -> None:
+    path = tmp_path / _FILE_NAMES[layout]
+    path.write_text(_lines(records) if layout == "jsonl" else _json(records), encoding="utf-8")
+    with pytest.raises(RequestError, match=message):
         read_requests(path)
 
 
