@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runs import DATA, REPO, run_cli  # noqa: E402
 
-from callbacks.prune import restrain  # noqa: E402
+from editing.spectral import restrain  # noqa: E402
 
 PRUNE_KEY = "PruneRestraint"
 SERIES = ("efficacy", "generalization", "specificity", "locality", "perplexity")

@@ -15,49 +15,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from callbacks.prune import PruneRestraint, _OriginalWeights
+from callbacks.original_weights import OriginalWeights
+from callbacks.prune import PruneRestraint
+from editing.spectral import spectral_stats
 
 
-def singular_value_range(M: torch.Tensor, exact_max_dim: int = 2048) -> tuple[float, float]:
-    """``(sigma_max, sigma_min)`` of ``M`` in float64.
-
-    When the smaller side of ``M`` is at most ``exact_max_dim`` (SmolLM2-135M: 576, GPT-2 XL: 1600), both come from
-    ``torch.linalg.svdvals`` (exact). Larger matrices (Llama-7B's 4096 x 11008) use the eigenvalues of the Gram matrix
-    of the smaller side, ``M M^T`` (one matmul and one symmetric eigensolve: several times cheaper than an SVD), whose
-    square roots are the singular values: ``sigma_max`` to machine precision, ``sigma_min`` to a relative error of
-    about ``1e-16 kappa^2``, ample below ``kappa ~ 1e6``.
-    """
-    M = M.double()
-    if min(M.shape) <= exact_max_dim:
-        s = torch.linalg.svdvals(M)
-        return float(s[0]), float(s[-1])
-    gram = M @ M.mT if M.shape[0] <= M.shape[1] else M.mT @ M
-    e = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()  # ascending
-    return float(e[-1]), float(e[0])
-
-
-def spectral_stats(current: torch.Tensor, original: torch.Tensor, exact_max_dim: int = 2048) -> dict[str, float]:
-    """Spectral statistics of an edited matrix ``W_n = current`` and of its edit ``Delta_n = W_n - W``.
-
-    Returns:
-        ``kappa``, ``sigma_max``, ``sigma_min``, ``weight_fro`` (``||W_n||_F``), ``delta_2`` (``||Delta_n||_2``),
-        ``delta_fro`` (``||Delta_n||_F``); ``kappa`` is ``inf`` for a singular matrix.
-    """
-    W = current.double()
-    delta = W - original.double()
-    s_max, s_min = singular_value_range(W, exact_max_dim)
-    d_max, _ = singular_value_range(delta, exact_max_dim) if delta.any() else (0.0, 0.0)
-    return {
-        "kappa": s_max / s_min if s_min > 0 else float("inf"),
-        "sigma_max": s_max,
-        "sigma_min": s_min,
-        "weight_fro": float(torch.linalg.matrix_norm(W)),
-        "delta_2": d_max,
-        "delta_fro": float(torch.linalg.matrix_norm(delta)),
-    }
-
-
-class ConditionNumberMonitor(_OriginalWeights):
+class ConditionNumberMonitor(OriginalWeights):
     """Logs the spectrum of every edited matrix as ``spectral/layer_NN/<stat>`` every ``every_n_steps`` edit steps.
 
     Stats (see :func:`spectral_stats`): ``kappa``, ``sigma_max``, ``sigma_min``, ``weight_fro``, ``delta_2``,
@@ -116,15 +79,12 @@ class ConditionNumberMonitor(_OriginalWeights):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # `edits/total` goes out at every step: Lightning keeps re-sending a step value logged from this hook at the
-        # following steps of the epoch until it is logged again, so a periodic `edits/total` would go stale.
-        values = {"edits/total": float(pl_module.edits_done)}
+        # `edits/total`, the x axis of these curves, is logged by the module at every step (its one owner).
         prune = self._prune(trainer)
         has_originals = bool(prune.originals if prune is not None else self.originals)  # False: resumed without them
         if trainer.global_step % self.every_n_steps == 0 and has_originals:
             self.last = self.compute(pl_module, prune)
-            values.update(self.last)
-        pl_module.log_dict(values, batch_size=len(batch))
+            pl_module.log_dict(self.last, batch_size=len(batch))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -19,191 +19,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from callbacks.original_weights import OriginalWeights
+from editing.spectral import LogBase, restrain, singular_triplets_above, spectral_norm
+
 log = logging.getLogger(__name__)
 
-Alpha = float | Literal["e", "linear"]
 
-
-def restraint_function(s: torch.Tensor, sigma_max: float, alpha: Alpha = "e") -> torch.Tensor:
-    """PRUNE's ``F``: singular values ``s >= sigma_max`` become ``sigma_max + log_alpha(s / sigma_max)``.
-
-    ``alpha="linear"`` is the ablation ``(s + sigma_max) / 2``. Values below ``sigma_max`` are returned unchanged, and
-    ``F(sigma_max) = sigma_max``, so ``F`` is continuous at the threshold.
-
-    Note that ``F`` is not scale-free: its slope at the threshold is ``1 / (sigma_max ln alpha)``, so for
-    ``sigma_max < 1 / ln(alpha)`` it raises values just above the threshold instead of lowering them.
-
-    Example:
-        >>> restraint_function(torch.tensor([1.0, 2.0, 2.0 * math.e]), 2.0)
-        tensor([1., 2., 3.])
-    """
-    if alpha == "linear":
-        restrained = (s + sigma_max) / 2
-    else:
-        base = math.e if alpha == "e" else float(alpha)
-        restrained = sigma_max + torch.log(s / sigma_max) / math.log(base)
-    return torch.where(s >= sigma_max, restrained, s)
-
-
-def randomized_svd(
-    M: torch.Tensor, k: int, niter: int = 4, oversample: int = 10, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top ``k`` singular triplets of ``M: (m, n)`` by a randomized range finder with power iterations.
-
-    Halko, Martinsson and Tropp (2011), algorithms 4.4 + 5.1: sketch ``M G`` with ``k + oversample`` Gaussian columns,
-    re-orthonormalise through ``niter`` power iterations, then take the exact SVD of ``Q^T M``. The estimated singular
-    values are lower bounds that converge fast when the spectrum is separated. Uses its own ``generator`` so the
-    global random state (and so a run's editing trajectory) is untouched.
-
-    Returns:
-        ``U: (m, k)``, ``S: (k,)`` descending, ``V: (n, k)`` with ``M ~ U diag(S) V^T``.
-    """
-    m, n = M.shape
-    q = min(k + oversample, m, n)
-    G = torch.randn(n, q, dtype=M.dtype, device=M.device, generator=generator)  # (n, q)
-    Q = torch.linalg.qr(M @ G).Q  # (m, q)
-    for _ in range(niter):
-        Q = torch.linalg.qr(M.mT @ Q).Q  # (n, q)
-        Q = torch.linalg.qr(M @ Q).Q  # (m, q)
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)  # (q, q), (q,), (q, n)
-    return (Q @ Ub)[:, :k], S[:k], Vh[:k].mT
-
-
-def singular_triplets_above(
-    M: torch.Tensor,
-    threshold: float,
-    rank: int = 8,
-    niter: int = 4,
-    full_svd: bool = False,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every singular triplet of ``M`` whose value is ``>= threshold`` (and no others).
-
-    A truncated SVD is exact for this purpose only if it reaches below the threshold: the rank starts at ``rank`` and
-    doubles until the smallest computed value is below ``threshold``; once it would cover half the spectrum (or with
-    ``full_svd``) the full SVD is used instead.
-
-    Returns:
-        ``U: (m, r)``, ``S: (r,)``, ``V: (n, r)`` of the ``r`` values ``>= threshold``.
-    """
-    smallest = min(M.shape)
-    k = max(1, rank)
-    while True:
-        if full_svd or 2 * k >= smallest:
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            V = Vh.mT
-            break
-        U, S, V = randomized_svd(M, k, niter, generator=generator)
-        if S[-1] < threshold:
-            break
-        k *= 2
-    keep = S >= threshold
-    return U[:, keep], S[keep], V[:, keep]
-
-
-def restrain(
-    original: torch.Tensor,
-    current: torch.Tensor,
-    sigma_max: float,
-    alpha: Alpha = "e",
-    rank: int = 8,
-    niter: int = 4,
-    full_svd: bool = False,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, int]:
-    """PRUNE's restrained weight ``W + U F(S) V^T`` for ``Delta = current - original = U S V^T``, in float64.
-
-    Triplets with ``s < sigma_max`` keep ``F(s) = s``, so with the ``r`` restrained triplets ``(U_r, S_r, V_r)`` the
-    result equals ``W + Delta + U_r (F(S_r) - S_r) V_r^T`` exactly; that form needs only the top triplets. The result
-    replaces ``current``; it is not an update to add to it.
-
-    Args:
-        original: ``W``, the unedited matrix (any layout; singular values do not depend on it).
-        current: ``W_n``, the same matrix after ``n`` edits.
-        sigma_max: ``sigma_max(W)``, the threshold.
-        alpha, rank, niter, full_svd, generator: see :func:`restraint_function` and :func:`singular_triplets_above`.
-
-    Returns:
-        The restrained matrix (float64, shape of ``current``) and the number of restrained singular values.
-    """
-    W = original.double()
-    delta = current.double() - W
-    U, S, V = singular_triplets_above(delta, sigma_max, rank, niter, full_svd, generator)
-    restrained = W + delta
-    if S.numel():
-        restrained += (U * (restraint_function(S, sigma_max, alpha) - S)) @ V.mT
-    return restrained, int(S.numel())
-
-
-def spectral_norm(M: torch.Tensor) -> float:
-    """``sigma_max(M)`` exactly, in float64 (computed once per matrix; see ``ConditionNumberMonitor`` for cheaper
-    repeated estimates)."""
-    return float(torch.linalg.matrix_norm(M.double(), ord=2))
-
-
-class _OriginalWeights(Callback):
-    """Keeps the unedited value ``W`` of every edited matrix, for callbacks that measure ``W_n - W``.
-
-    The snapshot is taken at ``on_fit_start`` (or, in a ``validate`` run of an unedited model, at
-    ``on_validation_start``) unless a checkpoint restored it. It travels in this callback's checkpoint entry
-    ``checkpoint["callbacks"][state_key]["originals"]`` as plain tensors (``torch.load(weights_only=True)`` works).
-    """
-
-    def __init__(self) -> None:
-        self.originals: dict[str, torch.Tensor] = {}
-
-    def _edited(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
-        """The edited parameters, by module name (parameter layout)."""
-        return {name: w.parameter for name, w in pl_module.method.edited_weights().items()}
-
-    def _ensure_originals(self, pl_module: LightningModule) -> bool:
-        """Snapshot or check the originals; ``False`` when they cannot be known (a resumed run without them)."""
-        edited = self._edited(pl_module)
-        if self.originals:
-            if set(self.originals) != set(edited):
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint holds original weights of {sorted(self.originals)}, but "
-                    f"the method edits {sorted(edited)}; resume with the same layers"
-                )
-            self.originals = {name: w.to(edited[name].device) for name, w in self.originals.items()}
-            return True
-        if int(pl_module.edits_done) > 0:
-            rank_zero_warn(
-                f"{type(self).__name__}: the model holds {int(pl_module.edits_done)} edits but the checkpoint has no "
-                "original weights for this callback; it stays inactive (add it from the start of the stream)"
-            )
-            return False
-        self.originals = {name: p.detach().clone() for name, p in edited.items()}
-        self._on_originals(pl_module)
-        return True
-
-    def _on_originals(self, pl_module: LightningModule) -> None:
-        """Hook for derived quantities of a fresh snapshot."""
-
-    def _payload(self) -> dict[str, Any]:
-        return {"originals": self.originals}
-
-    def _load_payload(self, payload: dict[str, Any]) -> None:
-        self.originals = dict(payload.get("originals", {}))
-
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.originals:
-            checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {}).update(self._payload())
-
-    @override
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        entry = checkpoint.get("callbacks", {}).get(self.state_key, {})
-        if "originals" in entry:
-            self._load_payload(entry)
-
-
-class PruneRestraint(_OriginalWeights):
+class PruneRestraint(OriginalWeights):
     """PRUNE: restrain the large singular values of the accumulated edit ``W_n - W`` of every edited matrix.
 
     - ``posthoc`` (the paper's protocol): editing always continues from the unrestrained weights ``W_n``; the
@@ -252,7 +79,7 @@ class PruneRestraint(_OriginalWeights):
         if niter < 0:
             raise ValueError(f"niter: must be >= 0, got {niter}")
         self.mode = mode
-        self.alpha: Alpha = alpha if isinstance(alpha, str) else float(alpha)
+        self.alpha: LogBase = alpha if isinstance(alpha, str) else float(alpha)
         self.every_n_steps = every_n_steps
         self.rank = rank
         self.niter = niter

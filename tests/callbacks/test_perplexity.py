@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import HeldOutPerplexity, PruneRestraint
 from callbacks.perplexity import held_out_perplexity
@@ -128,13 +129,22 @@ def test_model_sample_is_drawn_once_from_the_unedited_model(tiny_llama, char_tok
         same_seed.on_fit_start(SimpleNamespace(), module)
 
 
-def test_listed_before_prune_it_measures_the_restrained_weights(tiny_llama, char_tokenizer, text_file, tmp_path):
+def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(
+    tiny_llama, char_tokenizer, text_file, tmp_path
+):
+    """PRUNE swaps the restrained weights in at ``on_validation_start`` and out at ``on_validation_end``, so a
+    perplexity callback listed before or after it measures the restrained model."""
     method = FineTune(layer=1)
     method.setup(tiny_llama, char_tokenizer, "tiny", tmp_path)
     module = _module(tiny_llama, char_tokenizer, tmp_path, method)
     first, last = (HeldOutPerplexity(path=str(text_file), tokens=200, seq_len=32) for _ in range(2))
     prune = PruneRestraint()
-    trainer = SimpleNamespace(sanity_checking=False, global_step=1, callbacks=[first, prune, last])
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        global_step=1,
+        callbacks=[first, prune, last],
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+    )
     for cb in trainer.callbacks:
         cb.on_fit_start(trainer, module)
     (weight,) = method.edited_weights().values()
@@ -145,14 +155,17 @@ def test_listed_before_prune_it_measures_the_restrained_weights(tiny_llama, char
     module.edits_done += 1
     unrestrained = first.compute(module)
 
-    for cb in trainer.callbacks:
-        cb.on_validation_epoch_start(trainer, module)
+    for hook in ("on_validation_start", "on_validation_epoch_start"):
+        for cb in trainer.callbacks:
+            getattr(cb, hook)(trainer, module)
     restrained = first.compute(module)
-    for cb in trainer.callbacks:
-        cb.on_validation_epoch_end(trainer, module)
+    for hook in ("on_validation_epoch_end", "on_validation_end"):
+        for cb in trainer.callbacks:
+            getattr(cb, hook)(trainer, module)
     assert restrained != pytest.approx(unrestrained, rel=1e-3)
     assert first.history[-1]["perplexity"] == pytest.approx(restrained)
-    assert last.history[-1]["perplexity"] == pytest.approx(unrestrained)  # PRUNE had already swapped back
+    assert last.history[-1]["perplexity"] == pytest.approx(restrained)  # PRUNE swaps back only at on_validation_end
+    assert first.compute(module) == pytest.approx(unrestrained)
 
 
 def test_checkpoint_round_trip(tiny_llama, char_tokenizer, text_file, tmp_path):

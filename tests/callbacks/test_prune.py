@@ -14,8 +14,8 @@ from helpers import tiny_fit_args
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import ConditionNumberMonitor, PruneRestraint
-from callbacks.prune import randomized_svd, restrain, restraint_function, singular_triplets_above
 from editing.methods import FineTune
+from editing.spectral import randomized_svd, restrain, restraint_function, singular_triplets_above
 from main import cli_main
 
 ALPHAS = ["e", 2.0, 1.5, 1.2, "linear"]
