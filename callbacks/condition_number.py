@@ -25,7 +25,7 @@ class ConditionNumberMonitor(OriginalWeights):
 
     Stats (see :func:`spectral_stats`): ``kappa``, ``sigma_max``, ``sigma_min``, ``weight_fro``, ``delta_2``,
     ``delta_fro``, and ``restrained`` when a :class:`~callbacks.prune.PruneRestraint` is attached (whose snapshot of the
-    original weights it then shares instead of keeping its own). ``edits/total`` is logged with them, so dashboards
+    original weights it then shares instead of keeping its own). The module logs ``edits/total`` at every step, so dashboards
     plot them against the number of edits; :class:`~callbacks.report.RunReport` puts the last values into
     ``summary.json``. The values are those of the weights editing continues from (unrestrained in PRUNE's ``posthoc``
     mode; in ``inloop`` mode list PRUNE first to see the restrained ones). With ``every_n_steps > 1`` Lightning
