@@ -23,7 +23,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.cache import default_cache_dir
 from editing.data import IndexedRequest
 from editing.methods.base import EditMethod
-from editing.metrics import HitRate, locality_predictions, score_requests
+from editing.metrics import (
+    HitRate,
+    MeanScore,
+    Sampling,
+    TokenAveraging,
+    fluency_scores,
+    locality_predictions,
+    score_requests,
+)
 from editing.models import EMBEDDED_MODEL, load_model
 from editing.requests import EditRequest
 
@@ -53,6 +61,15 @@ class EditingModule(LightningModule):
         dtype: parameter dtype of the language model (solves always run in float64).
         cache_dir: converted models and C0 statistics (default ``$EDITING_CACHE`` or ``~/.cache/lifelong-editing``).
         step_metrics: after every edit step, score the step's own requests and log them as ``train/*``.
+        token_averaging: how token accuracies (ZsRE efficacy, generalization, specificity; locality in every family)
+            are averaged: ``case`` takes each probe's accuracy, then the mean over probes, as the papers' harnesses
+            (MEMIT/AlphaEdit ``summarize.py``, EasyEdit) do; ``pooled`` is one ratio over all target tokens.
+        fluency: log ``val/fluency``, ROME's generation entropy (weighted bigram/trigram entropy, bits) of one text
+            per generation prompt, when the evaluated requests have generation prompts (ROME-layout CounterFact). It
+            generates ``fluency_max_length`` tokens per prompt at every validation, the costliest score.
+        fluency_max_length: tokens per generated text, prompt included (ROME's ``max_out_len=100``).
+        fluency_sampling: ``top5`` samples from the 5 most likely tokens as ROME's ``generate_fast`` (seeded, the
+            global random state untouched); ``greedy`` takes the argmax.
     """
 
     def __init__(
@@ -62,6 +79,10 @@ class EditingModule(LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         cache_dir: str | None = None,
         step_metrics: bool = True,
+        token_averaging: TokenAveraging = "case",
+        fluency: bool = True,
+        fluency_max_length: int = 100,
+        fluency_sampling: Sampling = "top5",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -70,13 +91,23 @@ class EditingModule(LightningModule):
         self.dtype_name = dtype
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.step_metrics = step_metrics
+        if token_averaging not in ("case", "pooled"):
+            raise ValueError(f"token_averaging must be 'case' or 'pooled', got {token_averaging!r}")
+        if fluency_sampling not in ("top5", "greedy"):
+            raise ValueError(f"fluency_sampling must be 'top5' or 'greedy', got {fluency_sampling!r}")
+        if fluency_max_length < 1:
+            raise ValueError(f"fluency_max_length must be at least 1, got {fluency_max_length}")
+        self.token_averaging = token_averaging
+        self.fluency = fluency
+        self.fluency_max_length = fluency_max_length
+        self.fluency_sampling = fluency_sampling
         self.automatic_optimization = False
         self.strict_loading = False
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.register_buffer("edits_done", torch.zeros((), dtype=torch.long))
         self.locality_reference: dict[str, list[list[int]]] = {}
-        self.val_scores = nn.ModuleDict({name: HitRate() for name in SCORES})
+        self.val_scores = nn.ModuleDict({**{name: HitRate() for name in SCORES}, "fluency": MeanScore()})
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -129,13 +160,22 @@ class EditingModule(LightningModule):
             if hits.numel():
                 self.val_scores[name].update(hits)
                 self.log(f"val/{name}", self.val_scores[name], batch_size=len(requests))
+        if self.fluency and any(r.generation_prompts for r in requests):
+            # Seeded by batch so that batches do not repeat each other's draws; the same stream gives the same texts.
+            scores = fluency_scores(
+                self.model, self.tokenizer, requests, self.fluency_max_length, self.fluency_sampling, seed=batch_idx
+            )
+            self.val_scores["fluency"].update(scores)
+            self.log("val/fluency", self.val_scores["fluency"], batch_size=len(scores))
 
     def on_validation_epoch_end(self) -> None:
         self.log("edits/total", float(self.edits_done))
 
     def _score(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
         family = self.trainer.datamodule.metric_family
-        return score_requests(self.model, self.tokenizer, requests, family, self.locality_reference)
+        return score_requests(
+            self.model, self.tokenizer, requests, family, self.locality_reference, self.token_averaging
+        )
 
     def _ensure_reference(self) -> None:
         """Cache the unedited model's locality predictions before the first edit (restored from checkpoints)."""
