@@ -66,15 +66,15 @@ def main() -> None:
             args += ["--config", str(cfg)]
         summary = run_cli(args, work / name, opts.reuse)
         steps = summary["steps"]
-        mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("keys", "solve", "train/wise_steps")}
+        mean = {k: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in ("capture", "train", "train/wise_steps")}
         results[name] = {
             "edits": int(t),
             "schedule": schedule or "save_freq 500, merge_freq 1000 (no shard boundary)",
             "metrics": summary["metrics"],
             "seconds_per_edit": {
-                "activation_cache": mean["keys"],
-                "masked_sgd": mean["solve"],
-                "edit_total": mean["keys"] + mean["solve"],
+                "activation_cache": mean["capture"],
+                "masked_sgd": mean["train"],
+                "edit_total": mean["capture"] + mean["train"],
             },
             "final_evaluation_seconds": summary["timing"]["evaluation_seconds"],
             "mean_sgd_iterations": mean["train/wise_steps"],

@@ -5,6 +5,7 @@ from callbacks.condition_number import ConditionNumberMonitor
 from callbacks.perplexity import HeldOutPerplexity
 from callbacks.prune import PruneRestraint
 from callbacks.report import RunReport
-from callbacks.wise import RoutingMonitor, WiseMemory
+from callbacks.routing_monitor import RoutingMonitor
+from callbacks.wise_memory import WiseMemory
 
 __all__ = ["ConditionNumberMonitor", "HeldOutPerplexity", "PruneRestraint", "RoutingMonitor", "RunReport", "WiseMemory"]

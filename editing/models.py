@@ -104,11 +104,18 @@ class EditedWeight:
 
 
 def default_mlp_layers(model: PreTrainedModel) -> list[int]:
-    """A starting set of edited layers when the user names none: five consecutive early-middle blocks.
+    """The edited layers when the user names none: the preset of a known model shape, else five consecutive
+    early-middle blocks.
 
     The reference settings put MEMIT's layers at roughly 15-30% of the depth (GPT-J 3-8 of 28, Llama3-8B 4-8 of 32).
+    The presets are keyed by ``(model_type, blocks, hidden size)``, so a converted or renamed copy of the model gets
+    them too; SmolLM2-135M (the default model) edits blocks 3-7 of 30, the setting of docs/benchmarks.md.
     """
     n = len(model.get_submodule(architecture_of(model).blocks))
+    presets = {("llama", 30, 576): [3, 4, 5, 6, 7]}  # SmolLM2-135M(-Instruct)
+    preset = presets.get((model.config.model_type, n, getattr(model.config, "hidden_size", None)))
+    if preset is not None:
+        return list(preset)
     start = max(1, round(0.13 * n))
     return list(range(start, min(n, start + 5)))
 

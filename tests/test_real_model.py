@@ -68,7 +68,7 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     the edit, and the exported model reloads and routes the same way."""
     import torch
 
-    from editing.side_memory import load_edited
+    from editing.wise_export import load_edited
 
     export = tmp_path / "export"
     exporting = callbacks_config(tmp_path / "export.yaml", ("callbacks.WiseMemory", {"export_dir": str(export)}))
@@ -87,12 +87,12 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     # the built-in locality probes share the edited prompt's template ("The capital of Spain is" next to "... France
     # is"), the hardest case for an activation router: most, not all, keep their answer (0.83 measured)
     assert metrics["locality"] >= 2 / 3
-    model, tokenizer, memory = load_edited(export)
+    model, tokenizer, router = load_edited(export)
     requests = [json.loads(line) for line in (REPO / "editing" / "builtin" / "counterfact_builtin.jsonl").open()][:3]
     edited = requests[0]["prompt"].replace("{}", requests[0]["subject"])
     batch = tokenizer([edited, "My favourite breakfast is"], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert memory.last_route.tolist()[0] == 0 and memory.last_route.tolist()[1] == -1
+    assert router.last_route.tolist()[0] == 0 and router.last_route.tolist()[1] == -1
     text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert requests[0]["target_new"].split()[0] in text

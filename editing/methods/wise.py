@@ -1,9 +1,11 @@
 """WISE: lifelong editing in a side memory with an activation router (Wang et al., 2024, arXiv 2405.14768).
 
 The main weights stay frozen. Edits train a side memory (a copy of one mid-to-late FFN down projection, kept as its
-task vector, :mod:`editing.side_memory`) through a random gradient mask of the current knowledge shard, with two
-losses: the target cross entropy over the edit prompt written behind model-generated prefixes, and a margin loss that
-makes the memory's activation score high on the edit and low on an irrelevant sentence:
+task vector, :mod:`editing.side_memory`; :mod:`editing.router` decides per input whether it answers) through a
+random gradient mask of the current knowledge shard, with two losses: the target cross entropy over the edit prompt
+written behind model-generated prefixes, and a margin loss that makes the memory's activation score high on the edit
+and low on an irrelevant sentence (the paper's alpha, beta and gamma are ``irrelevant_margin``, ``edit_margin`` and
+``gap_margin``):
 
     max(0, s(x_i) - alpha) + max(0, beta - s(x_e)) + max(0, gamma - (s(x_e) - s(x_i)))
 
@@ -18,15 +20,18 @@ side-memory block up, the LM head only at target positions, and all rows of all 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from editing.corpus import SAMPLE_SEEDS, file_texts
@@ -42,10 +47,57 @@ from editing.locate import (
 from editing.methods.base import EditMethod
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
-from editing.side_memory import SideMemory, export_edited, routing_scores
+from editing.router import Router, routing_scores
+from editing.side_memory import MergeStyle, SideMemory
+from editing.wise_export import export_edited
+
+log = logging.getLogger(__name__)
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
 Texts = list[tuple[str, str]]
+DEFAULT_SLACK = 0.88  # the authors' threshold factor for every model they set, except Llama-3-8B
+
+
+@dataclass(frozen=True)
+class WisePreset:
+    """The side-memory block and threshold slack the authors set for one model, recognised by its config.
+
+    Attributes:
+        name: the model, for the log line.
+        model_type, n_blocks, hidden_size: ``config.model_type``, ``num_hidden_layers``, ``hidden_size``.
+        vocab_size: ``config.vocab_size`` where two models share the rest (Llama-2-7B and Llama-3-8B); ``None``: any.
+        block: the block whose MLP down projection holds the side memory.
+        slack: threshold factor.
+    """
+
+    name: str
+    model_type: str
+    n_blocks: int
+    hidden_size: int
+    vocab_size: int | None
+    block: int
+    slack: float
+
+    def matches(self, config: PretrainedConfig) -> bool:
+        return (
+            config.model_type == self.model_type
+            and getattr(config, "num_hidden_layers", None) == self.n_blocks
+            and getattr(config, "hidden_size", None) == self.hidden_size
+            and (self.vocab_size is None or getattr(config, "vocab_size", None) == self.vocab_size)
+        )
+
+
+# DESIGN.md section 6: the authors' per-model settings (the release's hparams/WISE/*.yaml: inner_params, act_ratio).
+WISE_PRESETS: tuple[WisePreset, ...] = (
+    WisePreset("Llama-2-7B", "llama", 32, 4096, 32000, block=27, slack=0.88),
+    WisePreset("Llama-3-8B", "llama", 32, 4096, 128256, block=29, slack=0.5),
+    WisePreset("Qwen2.5-7B", "qwen2", 28, 3584, None, block=23, slack=0.88),
+)
+
+
+def wise_preset(config: PretrainedConfig) -> WisePreset | None:
+    """The authors' WISE setting for the model of ``config``, or ``None`` when they give none."""
+    return next((preset for preset in WISE_PRESETS if preset.matches(config)), None)
 
 
 def _pool_from_file(path: Path) -> list[str]:
@@ -95,21 +147,43 @@ class EditRows:
 
 
 class WISE(EditMethod):
-    """WISE side-memory editing (the defaults are the paper's settings for Llama-2-7B).
+    """WISE side-memory editing. Defaults: the authors' Llama-2-7B settings (DESIGN.md section 6; the release's
+    ``hparams/WISE/llama-7b.yaml``), and the release's behaviour where the paper is silent (each such argument says
+    so); this project's variants are named switches.
 
     Args:
         module: the side-memory projection: a block index (its MLP output projection), a module path
-            (``model.layers.22.mlp.down_proj``), or ``None`` for the MLP output projection of the block at three
-            quarters of the depth.
+            (``model.layers.22.mlp.down_proj``), or ``None``: the authors' block for the models of
+            :data:`WISE_PRESETS` (Llama-2-7B: 27, Llama-3-8B: 29, Qwen2.5-7B: 23), else the block at three quarters
+            of the depth (logged).
         lr: SGD learning rate on the side memory (1.0).
         steps: maximum iterations per edit step (70).
-        stop_loss: stop an edit step once the total loss is below this (0.02).
+        stop_loss, stop_flatness: stop an edit step once the total loss is at most ``stop_loss`` (0.02) and moved at
+            most ``stop_flatness`` (1e-4) since the previous iteration (the paper stops on a low, flat loss; the
+            numbers are the release's, whose check lags one iteration: it compares the two losses before the
+            current one, here the current and the previous).
         stop_on_argmax: also stop once the new target is the argmax at every target token of every row and every
-            edit row meets the ``beta`` and ``gamma`` margins (this framework's early stop; ``false``: the paper's).
+            edit row meets ``edit_margin`` and ``gap_margin`` (this project's early stop; off by default, as in the
+            paper and the release).
         norm_constraint: elementwise bound on ``W' - W`` (1.0).
+        weight_decay: SGD weight decay (the release's 1e-5; the paper is silent). The release optimises the whole
+            copy ``W'`` with torch's SGD, whose decay acts inside the step after the gradient mask, so it pulls
+            ``W' = W + tau`` toward 0 on every entry, masked or not: here the step adds
+            ``weight_decay * (W + tau)`` to the masked gradient of ``tau``. 0: only masked entries move.
         mask_density: fraction of entries a shard's gradient mask lets learn (0.2).
-        alpha, beta, gamma: the routing margins (5, 20, 10).
-        slack: threshold = ``slack * `` the lowest routing score of the memory's edits (0.88; 0.5 for Llama-3-8B).
+        irrelevant_margin: the paper's alpha (5): irrelevant sentences should score at most this.
+        edit_margin: the paper's beta (20): edit rows should score at least this.
+        gap_margin: the paper's gamma (10): edit rows should score this much above their irrelevant sentence.
+        margin_average: how each margin (hinge) term is averaged: ``positive``, over its positive entries only (0
+            when none is; the release), or ``all``, over every entry (this project's variant).
+        slack: threshold = ``slack *`` the lowest routing score of the memory's edits; ``None``: the authors' value
+            for the models of :data:`WISE_PRESETS` (0.5 for Llama-3-8B), else 0.88.
+        ties_density: fraction of each task vector's largest entries kept by TIES' trim step when shards merge
+            (0.53).
+        merge_style: how WISE-Merge carries its merged memory over (see :class:`~editing.side_memory.SideMemory`):
+            ``release`` (the authors' release: every save and merge resets the working memory to ``W``, merges weigh
+            the new shards 0.4 and the previous merged memory 0.6, and the router picks between the merged and the
+            working memory) or ``continue`` (this project's variant: new shards start from the merged memory).
         prefixes, prefix_length: model-generated prefixes the edit is written behind (10 of 10 tokens), plus the
             bare prompt.
         irrelevant_pool: where the irrelevant sentence of each edit comes from: ``model`` (sentences sampled from the
@@ -119,7 +193,7 @@ class WISE(EditMethod):
         pool_size: sentences sampled for ``irrelevant_pool: model``.
         replay: WISE-Retrieve: per step, this many edits of sealed memories join the irrelevant sentences, so a new
             memory stays quiet on old edits and retrieval picks the memory that holds them.
-        long_input_max: inputs longer than this many tokens are scored by their maximum token score.
+        long_input_max: inputs longer than this many tokens are scored by their maximum token score (the release).
         seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
     """
 
@@ -129,13 +203,18 @@ class WISE(EditMethod):
         lr: float = 1.0,
         steps: int = 70,
         stop_loss: float = 0.02,
-        stop_on_argmax: bool = True,
+        stop_flatness: float = 1e-4,
+        stop_on_argmax: bool = False,
         norm_constraint: float = 1.0,
+        weight_decay: float = 1e-5,
         mask_density: float = 0.2,
-        alpha: float = 5.0,
-        beta: float = 20.0,
-        gamma: float = 10.0,
-        slack: float = 0.88,
+        irrelevant_margin: float = 5.0,
+        edit_margin: float = 20.0,
+        gap_margin: float = 10.0,
+        margin_average: Literal["positive", "all"] = "positive",
+        slack: float | None = None,
+        ties_density: float = 0.53,
+        merge_style: MergeStyle = "release",
         prefixes: int = 10,
         prefix_length: int = 10,
         irrelevant_pool: str = "model",
@@ -149,9 +228,14 @@ class WISE(EditMethod):
             "lr": lr > 0,
             "steps": steps >= 1,
             "stop_loss": stop_loss >= 0,
+            "stop_flatness": stop_flatness >= 0,
             "norm_constraint": norm_constraint > 0,
+            "weight_decay": weight_decay >= 0,
             "mask_density": 0 < mask_density <= 1,
-            "slack": 0 < slack <= 1,
+            "margin_average": margin_average in ("positive", "all"),
+            "slack": slack is None or 0 < slack <= 1,
+            "ties_density": 0 < ties_density <= 1,
+            "merge_style": merge_style in ("release", "continue"),
             "prefixes": 0 <= prefixes <= len(PREFIX_SEEDS),
             "prefix_length": prefix_length >= 1,
             "pool_size": pool_size >= 1,
@@ -169,10 +253,12 @@ class WISE(EditMethod):
             if not self.pool:
                 raise ValueError(f"irrelevant_pool: '{irrelevant_pool}' holds no sentences (the pool is empty)")
         self.module_spec = module
-        self.lr, self.steps, self.stop_loss, self.norm_constraint = lr, steps, stop_loss, norm_constraint
-        self.stop_on_argmax = stop_on_argmax
+        self.lr, self.steps, self.norm_constraint, self.weight_decay = lr, steps, norm_constraint, weight_decay
+        self.stop_loss, self.stop_flatness, self.stop_on_argmax = stop_loss, stop_flatness, stop_on_argmax
         self.mask_density, self.slack = mask_density, slack
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.irrelevant_margin, self.edit_margin, self.gap_margin = irrelevant_margin, edit_margin, gap_margin
+        self.margin_average = margin_average
+        self.ties_density, self.merge_style = ties_density, merge_style
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
         self.long_input_max, self.seed = long_input_max, seed
@@ -181,30 +267,59 @@ class WISE(EditMethod):
         self.block = -1
         self.templates: list[str] = ["{}"]
         self.memory: SideMemory | None = None
+        self.router: Router | None = None
         self._log: dict[str, float] = {}
+
+    @staticmethod
+    def of(pl_module: object, owner: str) -> WISE:
+        """The WISE method of a LightningModule, or an error naming ``owner`` (a callback that needs WISE)."""
+        method = getattr(pl_module, "method", None)
+        if not isinstance(method, WISE):
+            raise ValueError(f"{owner}: needs model.method to be editing.methods.WISE, got {type(method).__name__}")
+        return method
 
     # -- binding -----------------------------------------------------------------------------------------------
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
         self._bound = (model, tokenizer)
-        self.module_name, self.block = self._resolve_module(model)
+        preset = wise_preset(model.config)
+        self.module_name, self.block = self._resolve_module(model, preset)
+        if self.slack is not None:
+            slack = self.slack
+        elif preset is not None:
+            slack = preset.slack
+            log.info("WISE: threshold slack %s, the authors' value for %s", slack, preset.name)
+        else:
+            slack = DEFAULT_SLACK
+            log.info("WISE: threshold slack %s (the authors' value for the models they set, but Llama-3-8B)", slack)
         weight = model.get_submodule(self.module_name).weight
         transposed = isinstance(model.get_submodule(self.module_name), Conv1D)
         shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
-        self.memory = SideMemory(shape, self.slack, self.long_input_max, self.mask_density, self.seed).to(model.device)
-        self.memory.attach(model, self.module_name)
+        self.memory = SideMemory(shape, slack, self.mask_density, self.seed, self.ties_density, self.merge_style)
+        self.memory.to(model.device)
+        self.router = Router(self.memory, self.long_input_max)
+        self.router.attach(model, self.module_name)
         seeds = PREFIX_SEEDS[: self.prefixes]
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
         if self.irrelevant_pool == "model":
             prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(self.pool_size)]
             self.pool = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
 
-    def _resolve_module(self, model: PreTrainedModel) -> tuple[str, int]:
+    def _resolve_module(self, model: PreTrainedModel, preset: WisePreset | None) -> tuple[str, int]:
         """The side-memory projection's path and block index, with errors that say what is allowed."""
         arch = architecture_of(model)
         n_blocks = len(model.get_submodule(arch.blocks))
         spec = self.module_spec
-        if spec is None:
+        if spec is None and preset is not None:
+            spec = preset.block
+            log.info("WISE: side memory in block %d, the authors' block for %s", spec, preset.name)
+        elif spec is None:
             spec = max(1, int(0.75 * n_blocks))
+            log.info(
+                "WISE: the authors set no side-memory block for this model (%s, %d blocks): block %d, at 3/4 depth",
+                model.config.model_type,
+                n_blocks,
+                spec,
+            )
         if isinstance(spec, str) and spec.isdigit():
             spec = int(spec)
         if isinstance(spec, int):
@@ -239,10 +354,10 @@ class WISE(EditMethod):
         irrelevant, irr_owner = self._irrelevant(requests)
         irr_rows = encode_rows(tokenizer, [t for t, _ in irrelevant], None, None, device=model.device)
         prev_block = f"{architecture_of(model).blocks}.{self.block - 1}"
-        with self.memory.disabled():
+        with self.router.disabled():
             found = capture(model, rows, {prev_block: "output", self.module_name: "input"})
             a_irr = capture(model, irr_rows, {self.module_name: "input"})[self.module_name]
-        self.timings = {"targets": 0.0, "keys": time.perf_counter() - start, "solve": 0.0}
+        self.timings = {"capture": time.perf_counter() - start, "train": 0.0}
         return EditRows(
             rows,
             owner,
@@ -286,10 +401,11 @@ class WISE(EditMethod):
         own = irr_owner[None] == torch.arange(n, device=irr_owner.device)[:, None]  # (n, n_irr)
         pairs = own | (irr_owner[None] == -1)  # replayed edits count against every request
         grad_mask = self.memory.current_mask().float()
+        w = self._frozen_weight() if self.weight_decay else None  # (d_out, d_in): W' = W + tau decays toward 0
         tau = self.memory.working.clone().requires_grad_(True)
         opt = torch.optim.SGD([tau], lr=self.lr)
-        loss_value, used, tokens = float("nan"), self.steps, 0
-        self.memory.editing_tau = tau
+        loss_value, previous, used, tokens = float("nan"), math.inf, self.steps, 0
+        self.router.editing_tau = tau
         try:
             for step in range(self.steps):
                 with torch.enable_grad():
@@ -311,23 +427,29 @@ class WISE(EditMethod):
                     worst_irr = s_irr[None].masked_fill(~pairs, float("-inf")).amax(1)  # (n,)
                     gap = s_edit - worst_irr[owner].repeat(2)
                     routing = (
-                        (s_irr - self.alpha).clamp(min=0).mean()
-                        + (self.beta - s_edit).clamp(min=0).mean()
-                        + (self.gamma - gap).clamp(min=0).mean()
+                        self._hinge(s_irr - self.irrelevant_margin)
+                        + self._hinge(self.edit_margin - s_edit)
+                        + self._hinge(self.gap_margin - gap)
                     )
                     loss = ce + routing
                     loss_value = loss.item()
-                    if loss_value < self.stop_loss or (self.stop_on_argmax and self._learned(log_p, ids, s_edit, gap)):
+                    flat = abs(loss_value - previous) <= self.stop_flatness
+                    previous = loss_value
+                    if (loss_value <= self.stop_loss and flat) or (
+                        self.stop_on_argmax and self._learned(log_p, ids, s_edit, gap)
+                    ):
                         used = step
                         break
                     opt.zero_grad()
                     loss.backward()
                 tau.grad.mul_(grad_mask)
+                if w is not None:  # torch SGD's weight decay on W', inside the step and after the mask
+                    tau.grad.add_(w + tau.detach(), alpha=self.weight_decay)
                 opt.step()
                 with torch.no_grad():
                     tau.clamp_(-self.norm_constraint, self.norm_constraint)
         finally:
-            self.memory.editing_tau = None
+            self.router.editing_tau = None
         with torch.no_grad():
             self.memory.working = tau.detach()
             bare = torch.arange(0, len(rows), len(self.templates), device=owner.device)  # the "{}" row of each request
@@ -336,21 +458,37 @@ class WISE(EditMethod):
                 routing_scores(a[bare], self.memory.working, prompt_mask[bare], self.long_input_max),
             )
         self.memory.record_edits([(r.text, r.target_new) for r in requests], s_bare)
-        self.timings["solve"] = time.perf_counter() - start
+        self.timings["train"] = time.perf_counter() - start
         self._log = {
             "train/wise_loss": loss_value,
             "train/wise_steps": float(used),
             "train/wise_tokens": float(tokens),
             "wise/edit_score": float(s_bare.min()),
-            "wise/threshold": self.slack * self.memory.working_min,
-            "wise/memories": float(len(self.memory.answering())),
+            "wise/threshold": self.memory.slack * self.memory.current_min(),
+            "wise/memories": float(self.memory.memory_count()),  # after this step's edit, before any merge
             "wise/shard": float(self.memory.shard),
         }
 
+    def _hinge(self, excess: torch.Tensor) -> torch.Tensor:
+        """A margin term ``mean max(0, excess)``: over the positive entries only (the release; 0 when none is), or
+        over all entries (``margin_average: all``)."""
+        positive = excess.clamp(min=0)
+        if self.margin_average == "all":
+            return positive.mean()
+        return positive.sum() / (excess > 0).sum().clamp(min=1)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        """The side-memory projection's frozen ``W`` as float32 ``(d_out, d_in)``."""
+        module = self._bound[0].get_submodule(self.module_name)
+        w = module.weight.detach()
+        return (w.T if isinstance(module, Conv1D) else w).float()
+
     def _learned(self, log_p: torch.Tensor, ids: torch.Tensor, s_edit: torch.Tensor, gap: torch.Tensor) -> bool:
-        """Every target token of every row is the argmax, and every edit row meets its routing margins (``beta`` and
-        ``gamma``; ``alpha`` concerns the irrelevant rows only)."""
-        return bool((log_p.argmax(-1) == ids).all() and (s_edit >= self.beta).all() and (gap >= self.gamma).all())
+        """Every target token of every row is the argmax, and every edit row meets its routing margins
+        (``edit_margin`` and ``gap_margin``; ``irrelevant_margin`` concerns the irrelevant rows only)."""
+        return bool(
+            (log_p.argmax(-1) == ids).all() and (s_edit >= self.edit_margin).all() and (gap >= self.gap_margin).all()
+        )
 
     def step_log(self) -> dict[str, float]:
         return dict(self._log)
@@ -367,7 +505,7 @@ class WISE(EditMethod):
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             rows = encode_rows(tokenizer, [p for p, _ in chunk], None, [t or None for _, t in chunk], model.device)
-            with self.memory.disabled():
+            with self.router.disabled():
                 a = capture(model, rows, {self.module_name: "input"})[self.module_name]
             mask = rows.attention_mask
             out.append(torch.stack([routing_scores(a, tau, mask, self.long_input_max) for tau, _ in memories]))
@@ -384,9 +522,9 @@ class WISE(EditMethod):
             self.memory.set_min_score(j, float(scores[j].min()))
 
     def export(self, path: str | Path) -> None:
-        """Save the model, tokenizer and side memories (reload with :func:`editing.side_memory.load_edited`)."""
+        """Save the model, tokenizer and side memories (reload with :func:`editing.wise_export.load_edited`)."""
         model, tokenizer = self._bound
-        export_edited(path, model, tokenizer, self.memory, self.module_name)
+        export_edited(path, model, tokenizer, self.router, self.module_name)
 
     def extra_repr(self) -> str:
         return f"module={self.module_name or self.module_spec!r}, lr={self.lr}, steps={self.steps}"

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 from helpers import callbacks_config
+from transformers import LlamaConfig, Qwen2Config
 
 from editing.methods import WISE
+from editing.methods.wise import wise_preset
 from editing.metrics import score_targets
-from editing.side_memory import SideMemory, load_edited, routing_scores, shard_mask, ties_merge
+from editing.router import Router, routing_scores
+from editing.side_memory import SideMemory, shard_mask, ties_merge
+from editing.wise_export import export_edited, load_edited
 
 MODULE = "model.layers.2.mlp.down_proj"
 
 
 def small_wise(**kwargs) -> WISE:
-    defaults = dict(module=2, prefixes=2, prefix_length=3, pool_size=4, steps=8, alpha=0.5, beta=2.0, gamma=1.0)
+    defaults = dict(
+        module=2,
+        prefixes=2,
+        prefix_length=3,
+        pool_size=4,
+        steps=8,
+        irrelevant_margin=0.5,
+        edit_margin=2.0,
+        gap_margin=1.0,
+    )
     return WISE(**{**defaults, **kwargs})
 
 
@@ -42,11 +56,13 @@ def scores_of(model, tokenizer, texts: list[str], tau: torch.Tensor) -> torch.Te
     return routing_scores(a, tau, mask, None)
 
 
-def install(model, memory: SideMemory, taus: list[torch.Tensor], thresholds: list[float]) -> None:
+def install(model, memory: SideMemory, taus: list[torch.Tensor], thresholds: list[float]) -> Router:
     memory.sealed = list(taus)
     memory.sealed_min = list(thresholds)
     memory.sealed_texts = [[("x", "y")] for _ in taus]
-    memory.attach(model, MODULE)
+    router = Router(memory, None)
+    router.attach(model, MODULE)
+    return router
 
 
 def logits(model, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -74,6 +90,20 @@ def test_ties_merge_disjoint_mean_ignores_disagreeing_and_zero_entries():
     assert torch.allclose(merged, torch.tensor([3.0, 2.0, 4.0, -5.0]))
 
 
+def test_ties_merge_elects_plus_on_an_exact_tie():
+    merged = ties_merge([torch.tensor([1.0, -2.0]), torch.tensor([-1.0, 2.0])], density=1.0)
+    # both weighted sums are exactly 0: + is elected (the release), so only the positive value counts
+    assert torch.equal(merged, torch.tensor([1.0, 2.0]))
+
+
+def test_ties_merge_weighted_disjoint_mean():
+    new1, new2, previous = torch.tensor([4.0, -3.0]), torch.tensor([0.0, -1.0]), torch.tensor([2.0, 1.0])
+    merged = ties_merge([new1, new2, previous], density=1.0, weights=[0.2, 0.2, 0.6])
+    # entry 0: + elected; (0.2 * 4 + 0.6 * 2) / (0.2 + 0.6) = 2.5 (the zero counts in neither sum)
+    # entry 1: 0.2 * -3 + 0.2 * -1 + 0.6 * 1 = -0.2 -> -; (0.2 * -3 + 0.2 * -1) / (0.2 + 0.2) = -2
+    assert torch.allclose(merged, torch.tensor([2.5, -2.0]))
+
+
 def test_shard_masks_are_seeded_of_the_asked_density_and_differ_by_shard():
     a = shard_mask((100, 200), 0.2, seed=3, shard=0)
     assert torch.equal(a, shard_mask((100, 200), 0.2, seed=3, shard=0))
@@ -91,7 +121,7 @@ def test_routing_scores_mean_over_real_tokens_and_max_for_long_inputs():
 
 # -- editing --------------------------------------------------------------------------------------------------------
 def test_edit_changes_only_masked_entries_of_the_side_memory(tiny_model, bind, tiny_requests):
-    method = bind(small_wise(), tiny_model)
+    method = bind(small_wise(weight_decay=0.0), tiny_model)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
     after = tiny_model.state_dict()
@@ -109,14 +139,66 @@ def test_edit_raises_target_probability_through_the_router(tiny_llama, bind, cha
     method = bind(small_wise(steps=30, lr=0.5), tiny_llama)
     method.apply([request], method.prepare([request]))
     after = score_targets(tiny_llama, char_tokenizer, [request.text], [request.target_new]).nll
-    assert method.memory.last_route.tolist() == [0], "the edited prompt must be routed to the side memory"
+    assert method.router.last_route.tolist() == [0], "the edited prompt must be routed to the side memory"
     assert after < before - 0.5
     assert method.memory.working_texts == [(request.text, request.target_new)]
     assert math.isfinite(method.memory.working_min)
 
 
+def test_weight_decay_pulls_the_whole_copy_toward_zero(tiny_model, bind, tiny_requests):
+    lr, decay, steps = 0.5, 0.1, 3
+    method = bind(small_wise(lr=lr, weight_decay=decay, steps=steps, stop_loss=0.0), tiny_model)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    assert method.step_log()["train/wise_steps"] == steps
+    assert set(method.timings) == {"capture", "train"} and method.timings["train"] > 0
+    mask = method.memory.current_mask()
+    w = method._frozen_weight()
+    # outside the mask only the decay acts: W' <- (1 - lr * decay) W' each step, so tau = ((1 - lr decay)^n - 1) W
+    expected = ((1 - lr * decay) ** steps - 1) * w
+    torch.testing.assert_close(method.memory.working[~mask], expected[~mask], rtol=1e-4, atol=1e-6)
+    assert (method.memory.working[mask] - expected[mask]).abs().max() > 1e-3, "masked entries also learn the edit"
+
+
+def test_margin_terms_average_over_their_positive_entries():
+    excess = torch.tensor([3.0, -1.0, 1.0, -5.0])
+    assert WISE()._hinge(excess) == 2.0  # (3 + 1) / 2, the release
+    assert WISE(margin_average="all")._hinge(excess) == 1.0  # (3 + 1) / 4
+    assert WISE()._hinge(torch.tensor([-1.0, -2.0])) == 0.0
+
+
+def test_early_stop_needs_a_low_and_flat_loss(tiny_llama, bind, tiny_requests):
+    # every loss is below stop_loss; the first iteration has no previous loss to be flat against
+    method = bind(small_wise(stop_loss=1e9, stop_flatness=1e9), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    assert method.step_log()["train/wise_steps"] == 1
+    method = bind(small_wise(stop_loss=1e9, stop_flatness=0.0, steps=4), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    assert method.step_log()["train/wise_steps"] == 4, "a loss that still moves does not stop"
+
+
+@pytest.mark.parametrize(
+    ("config", "block", "slack"),
+    [
+        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=32000), 27, 0.88),  # Llama-2-7B
+        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=128256), 29, 0.5),  # Llama-3-8B
+        (Qwen2Config(num_hidden_layers=28, hidden_size=3584), 23, 0.88),  # Qwen2.5-7B
+    ],
+)
+def test_authors_side_memory_block_and_slack_per_model(config, block, slack):
+    preset = wise_preset(config)
+    assert (preset.block, preset.slack) == (block, slack)
+
+
+def test_other_models_get_three_quarters_depth_and_slack_088_logged(tiny_llama, bind, caplog):
+    assert wise_preset(tiny_llama.config) is None
+    with caplog.at_level(logging.INFO, logger="editing.methods.wise"):
+        method = bind(small_wise(module=None), tiny_llama)
+    assert method.block == 3 and method.memory.slack == 0.88  # int(0.75 * 4 blocks)
+    assert "at 3/4 depth" in caplog.text and "slack 0.88" in caplog.text
+
+
 def test_next_shard_uses_a_new_mask_and_saves_the_old_one(tiny_llama, bind, tiny_requests):
-    method = bind(small_wise(), tiny_llama)
+    method = bind(small_wise(weight_decay=0.0, merge_style="continue"), tiny_llama)
     method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
     first = method.memory.working.clone()
     method.memory.save_shard()
@@ -135,6 +217,97 @@ def test_next_shard_uses_a_new_mask_and_saves_the_old_one(tiny_llama, bind, tiny
     assert torch.equal(method.memory.base, method.memory.working) and method.memory.pending == []
 
 
+# -- merging (hand-computed, TIES density 1) ---------------------------------------------------------------------
+def bank(style: str) -> SideMemory:
+    return SideMemory((1, 3), 1.0, 1.0, 0, ties_density=1.0, merge_style=style)
+
+
+def edit_shard(memory: SideMemory, delta: list[float], score: float, save: bool = True) -> None:
+    """One edit that adds ``delta`` to the working memory (with routing score ``score``), then a shard save."""
+    memory.working = memory.working + torch.tensor([delta])
+    memory.record_edits([(f"prompt {memory.edit_count()}", "target")], torch.tensor([score]))
+    if save:
+        memory.save_shard()
+
+
+def test_wise_merge_as_released_past_a_second_merge():
+    memory = bank("release")
+    edit_shard(memory, [2.0, 1.0, -1.0], 3.0)
+    assert torch.all(memory.working == 0), "a shard save resets the working memory to W"
+    edit_shard(memory, [2.0, 0.0, 3.0], 5.0)
+    memory.merge(retrieve=False)
+    # first merge, 1/2 each: (2 + 2) / 2 = 2; 1 (the zero counts not); -0.5 + 1.5 > 0 -> + -> 3
+    assert torch.allclose(memory.base, torch.tensor([[2.0, 1.0, 3.0]]))
+    assert torch.all(memory.working == 0) and memory.pending == []
+    assert [t for _, t in memory.answering()] == [3.0], "the merged memory answers, with its own threshold"
+    edit_shard(memory, [4.0, -2.0, 0.0], 4.0)
+    edit_shard(memory, [0.0, -2.0, -6.0], 6.0)
+    memory.merge(retrieve=False)
+    # second merge, new shards 0.4 / 2 = 0.2 each, previous merged memory 0.6:
+    # entry 0: 0.8 + 0 + 1.2 > 0 -> (0.2 * 4 + 0.6 * 2) / (0.2 + 0.6) = 2.5
+    # entry 1: -0.4 - 0.4 + 0.6 < 0 -> (0.2 * -2 + 0.2 * -2) / 0.4 = -2
+    # entry 2: 0 - 1.2 + 1.8 > 0 -> only the merged memory's 3 agrees -> 3
+    assert torch.allclose(memory.base, torch.tensor([[2.5, -2.0, 3.0]]))
+    assert torch.all(memory.working == 0)
+    assert len(memory.base_texts) == 4 and memory.working_texts == []
+    assert [t for _, t in memory.answering()] == [3.0]
+    edit_shard(memory, [0.0, 0.0, 1.0], 7.0, save=False)
+    answering = memory.answering()
+    assert len(answering) == 2, "the merged and the working memory answer side by side"
+    assert answering[0][0] is memory.base and answering[1][0] is memory.working and answering[1][1] == 7.0
+    assert memory.memory_texts() == [memory.base_texts, memory.working_texts]
+
+
+def test_wise_merge_continue_style_starts_new_shards_from_the_merged_memory():
+    memory = bank("continue")
+    edit_shard(memory, [2.0, 1.0, -1.0], 3.0)
+    edit_shard(memory, [2.0, 0.0, 3.0], 5.0)
+    memory.merge(retrieve=False)
+    assert torch.allclose(memory.working, torch.tensor([[2.0, 1.0, 3.0]])) and torch.equal(memory.base, memory.working)
+    edit_shard(memory, [4.0, -2.0, 0.0], 4.0)  # shard [6, -1, 3]
+    edit_shard(memory, [0.0, -2.0, -6.0], 6.0)  # shard [2, -1, -3]
+    memory.merge(retrieve=False)
+    # (6 + 2) / 2 = 4; (-1 - 1) / 2 = -1; 1.5 - 1.5 = 0 -> + -> 3
+    assert torch.allclose(memory.working, torch.tensor([[4.0, -1.0, 3.0]]))
+    assert len(memory.answering()) == 1 and memory.memory_texts() == [memory.base_texts]
+
+
+def test_merged_and_working_memories_each_answer_their_own_edits(tiny_llama, char_tokenizer):
+    texts = ["Paris is in France", "Tokyo is in Japan, an island nation"]
+    d = tiny_llama.config.hidden_size
+    old, new = (responsive_tau(*projection_input(tiny_llama, char_tokenizer, [t]), d) for t in texts)
+    memory = SideMemory(tuple(old.shape), 1.0, 0.2, 0, ties_density=1.0)
+    memory.working = old
+    memory.record_edits([(texts[0], "")], torch.tensor([0.0]))
+    memory.merge(retrieve=False)  # saves the unsaved shard first
+    memory.working = new
+    memory.record_edits([(texts[1], "")], torch.tensor([0.0]))
+    router = Router(memory, None)
+    router.attach(tiny_llama, MODULE)
+    logits(tiny_llama, char_tokenizer, texts)
+    assert router.last_route.tolist() == [0, 1], "the higher score wins: merged memory, then working memory"
+
+
+def test_retrieve_merge_seals_its_lowest_edit_score_without_a_refresh():
+    memory = bank("release")
+    edit_shard(memory, [1.0, 0.0, 0.0], 3.0)
+    edit_shard(memory, [0.0, 1.0, 0.0], 2.0)
+    assert memory.working_min == math.inf
+    memory.merge(retrieve=True)
+    assert memory.sealed_min == [2.0] and [t for _, t in memory.answering()] == [2.0]
+    edit_shard(memory, [0.0, 0.0, 1.0], 4.0, save=False)
+    memory.merge(retrieve=True)  # unsaved edits are saved first, none is lost
+    assert memory.sealed_min == [2.0, 4.0] and torch.equal(memory.sealed[1], torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_resume_refuses_another_merge_style():
+    memory = bank("release")
+    edit_shard(memory, [1.0, 0.0, 0.0], 3.0)
+    memory.merge(retrieve=False)
+    with pytest.raises(ValueError, match="same merge_style"):
+        bank("continue").set_extra_state(memory.get_extra_state())
+
+
 # -- routing ----------------------------------------------------------------------------------------------------------
 def test_unrelated_input_below_threshold_gives_exactly_the_unedited_output(tiny_llama, char_tokenizer):
     texts = ["The capital of Spain is", "Bananas are yellow and sweet"]
@@ -143,10 +316,10 @@ def test_unrelated_input_below_threshold_gives_exactly_the_unedited_output(tiny_
     tau = responsive_tau(a, mask, tiny_llama.config.hidden_size)
     scores = scores_of(tiny_llama, char_tokenizer, texts, tau)
     assert scores[0] > scores[1]
-    memory = SideMemory(tuple(tau.shape), 1.0, None, 0.2, 0)
-    install(tiny_llama, memory, [tau], [float(scores.mean())])  # threshold between the two
+    memory = SideMemory(tuple(tau.shape), 1.0, 0.2, 0)
+    router = install(tiny_llama, memory, [tau], [float(scores.mean())])  # threshold between the two
     routed = logits(tiny_llama, char_tokenizer, texts)  # one batch: each sequence routed on its own
-    assert memory.last_route.tolist() == [0, -1]
+    assert router.last_route.tolist() == [0, -1]
     assert torch.equal(routed[1], reference[1]), "an unrouted sequence must see exactly the unedited model"
     assert not torch.allclose(routed[0], reference[0])
 
@@ -158,10 +331,10 @@ def test_retrieval_picks_the_memory_that_holds_the_edit(tiny_llama, char_tokeniz
     a, mask = projection_input(tiny_llama, char_tokenizer, texts)
     own = torch.stack([routing_scores(a, tau, mask, None) for tau in taus])  # (memory, text)
     assert own[0, 0] > own[0, 1] and own[1, 1] > own[1, 0]
-    memory = SideMemory(tuple(taus[0].shape), 1.0, None, 0.2, 0)
-    install(tiny_llama, memory, taus, [0.0, 0.0])  # both memories above threshold everywhere: highest score wins
+    memory = SideMemory(tuple(taus[0].shape), 1.0, 0.2, 0)
+    router = install(tiny_llama, memory, taus, [0.0, 0.0])  # both memories above threshold everywhere: highest wins
     logits(tiny_llama, char_tokenizer, texts)
-    assert memory.last_route.tolist() == [0, 1]
+    assert router.last_route.tolist() == [0, 1]
 
 
 def test_generate_routes_once_from_the_prompt(tiny_llama, char_tokenizer):
@@ -182,7 +355,7 @@ def test_generate_routes_once_from_the_prompt(tiny_llama, char_tokenizer):
     with torch.no_grad():
         edited_everywhere.get_submodule(MODULE).weight += tau
     always = greedy(edited_everywhere, prompts)
-    memory = SideMemory(tuple(tau.shape), 1.0, None, 0.2, 0)
+    memory = SideMemory(tuple(tau.shape), 1.0, 0.2, 0)
     install(tiny_llama, memory, [tau], [threshold])
     routed = greedy(tiny_llama, prompts)
     assert torch.equal(routed[0], always[0]), "the routed prompt keeps its side memory for every generated token"
@@ -198,32 +371,31 @@ def test_checkpoint_state_round_trip(tiny_llama, bind, tiny_requests, char_token
     method.apply(tiny_requests[1:2], method.prepare(tiny_requests[1:2]))
     method.memory.merge(retrieve=True)
     state = {k: v for k, v in method.state_dict().items()}
-    restored = SideMemory(method.memory.shape, method.slack, method.long_input_max, 0.5, 7)
+    restored = SideMemory(method.memory.shape, method.memory.slack, 0.5, 7)
     restored.set_extra_state(state["memory._extra_state"])
     assert restored.shard == method.memory.shard and restored.seed == method.memory.seed
     assert [t for t, _ in restored.answering()][0].equal(method.memory.answering()[0][0])
     assert restored.sealed_texts == method.memory.sealed_texts
     with pytest.raises(ValueError, match="resume with the same model"):
-        SideMemory((3, 3), 0.88, None, 0.2, 0).set_extra_state(state["memory._extra_state"])
+        SideMemory((3, 3), 0.88, 0.2, 0).set_extra_state(state["memory._extra_state"])
 
 
 def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_path):
-    from editing.side_memory import export_edited
-
     texts = ["The capital of Spain is", "Bananas are yellow and sweet"]
     a, mask = projection_input(tiny_llama, char_tokenizer, texts[:1])
     tau = responsive_tau(a, mask, tiny_llama.config.hidden_size)
     scores = scores_of(tiny_llama, char_tokenizer, texts, tau)
-    memory = SideMemory(tuple(tau.shape), 0.9, None, 0.2, 0)
+    memory = SideMemory(tuple(tau.shape), 0.9, 0.2, 0)
     memory.working = tau
     memory.working_texts, memory.working_min = [("x", "y")], float(scores.mean()) / 0.9
-    memory.attach(tiny_llama, MODULE)
+    router = Router(memory, None)
+    router.attach(tiny_llama, MODULE)
     expected = logits(tiny_llama, char_tokenizer, texts)
-    export_edited(tmp_path / "export", tiny_llama, char_tokenizer, memory, MODULE)
+    export_edited(tmp_path / "export", tiny_llama, char_tokenizer, router, MODULE)
     model, tokenizer, loaded = load_edited(tmp_path / "export")
     tokenizer.padding_side = "right"
     got = logits(model, tokenizer, texts)
-    assert loaded.last_route.tolist() == memory.last_route.tolist() == [0, -1]
+    assert loaded.last_route.tolist() == router.last_route.tolist() == [0, -1]
     assert torch.allclose(got, expected, atol=1e-5)
 
 

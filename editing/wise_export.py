@@ -1,0 +1,69 @@
+"""Export and reload of a WISE-edited model, so it is usable outside this framework.
+
+The export is the unedited model (``save_pretrained``) and its tokenizer, plus ``side_memory.safetensors`` (the task
+vector of every answering memory) and ``side_memory.json`` (the module they sit on, their thresholds and the router's
+long-input rule). :func:`load_edited` rebuilds a Hugging Face model with the router installed, which routes exactly
+like the model that was exported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.router import Router
+
+EXPORT_TENSORS = "side_memory.safetensors"
+EXPORT_CONFIG = "side_memory.json"
+
+
+@dataclass
+class ExportedMemories:
+    """The memories of an exported model: fixed task vectors and thresholds (nothing is edited after export)."""
+
+    taus: list[torch.Tensor]
+    thresholds: list[float]
+
+    def answering(self) -> list[tuple[torch.Tensor, float]]:
+        return list(zip(self.taus, self.thresholds, strict=True))
+
+
+def export_edited(
+    path: str | Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    router: Router,
+    module_name: str,
+) -> None:
+    """Save the unedited model, its tokenizer and the memories answering through ``router`` with their thresholds."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with router.disabled():
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    memories = router.bank.answering()
+    save_file({f"memory_{i}": tau.detach().float().cpu().contiguous() for i, (tau, _) in enumerate(memories)},
+              str(path / EXPORT_TENSORS))  # fmt: skip
+    config = {"module": module_name, "thresholds": [t for _, t in memories], "long_input_max": router.long_input_max}
+    (path / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_edited(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Router]:
+    """Load a model written by :func:`export_edited` with its router installed (frozen: for inference); the router's
+    ``last_route`` shows its decisions."""
+    path = Path(path)
+    config = json.loads((path / EXPORT_CONFIG).read_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tensors = load_file(str(path / EXPORT_TENSORS), device=str(device))
+    taus = [tensors[f"memory_{i}"] for i in range(len(config["thresholds"]))]
+    router = Router(ExportedMemories(taus, list(config["thresholds"])), config["long_input_max"])
+    router.attach(model, config["module"])
+    return model, tokenizer, router
