@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from editing.locate import target_token_ids  # noqa: E402
 from editing.metrics import score_targets  # noqa: E402
 from editing.models import EMBEDDED_MODEL, load_model  # noqa: E402
+from editing.rows import target_token_ids  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "editing" / "builtin" / "counterfact_builtin.jsonl"
 

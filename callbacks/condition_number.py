@@ -25,8 +25,8 @@ class ConditionNumberMonitor(OriginalWeights):
 
     Stats (see :func:`spectral_stats`): ``kappa``, ``sigma_max``, ``sigma_min``, ``weight_fro``, ``delta_2``,
     ``delta_fro``, and ``restrained`` when a :class:`~callbacks.prune.PruneRestraint` is attached (whose snapshot of the
-    original weights it then shares instead of keeping its own). The module logs ``edits/total`` at every step, so dashboards
-    plot them against the number of edits; :class:`~callbacks.report.RunReport` puts the last values into
+    original weights it then shares instead of keeping its own). The module logs ``edits/total`` at every step, so
+    dashboards plot them against the number of edits; :class:`~callbacks.report.RunReport` puts the last values into
     ``summary.json``. The values are those of the weights editing continues from (unrestrained in PRUNE's ``posthoc``
     mode; in ``inloop`` mode list PRUNE first to see the restrained ones). With ``every_n_steps > 1`` Lightning
     repeats the last measured values at the steps in between (it keeps step values for the whole epoch), so curves

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from editing.corpus import file_texts, load_corpus
-from editing.locate import pad_right
+from editing.rows import pad_right
 from editing.stats import token_chunks
 
 

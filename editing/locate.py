@@ -1,11 +1,11 @@
 """The locate-then-edit toolkit shared by MEMIT, AlphaEdit and LyapLock (DESIGN.md section 4).
 
 - :func:`generate_context_templates`: short model-written prefixes, so targets and keys do not depend on one phrasing.
-- :func:`encode_rows`: prompts (+ targets) tokenised once, with the position of the last subject token.
-- :func:`capture`: inputs or outputs of named modules at chosen positions, stopping the forward pass after the last one.
 - :func:`compute_keys`: MLP keys ``k`` (input of the edited projection at the last subject token, template-averaged).
 - :func:`compute_targets`: the MEMIT target ``z = h0 + delta`` for every request of a step, optimised together.
 - :func:`spread_residual`: the share of ``z - h`` that layer ``i`` of ``n`` must write.
+
+Rows come from :mod:`editing.rows` and partial forward passes from :mod:`editing.forward`.
 
 Speed (DESIGN.md section 9): the target optimisation runs the blocks below the shift point once without gradient, then
 only the blocks above it, and applies the LM head at target positions only; finished requests leave the batch.
@@ -13,18 +13,18 @@ only the blocks above it, and applies the LM head at target positions only; fini
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from editing.forward import blocks_from, capture, log_softmax_at
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
+from editing.rows import EncodedRows, encode_rows, mean_per_row
 
 
 def generate_context_templates(
@@ -40,172 +40,6 @@ def generate_context_templates(
         return ["{}"]
     texts = sample_text(model, tokenizer, list(seeds), length, seed, top_k=5)
     return ["{}"] + [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
-
-
-@dataclass
-class EncodedRows:
-    """A right-padded batch of prompts, optionally followed by target tokens (teacher forcing).
-
-    Attributes:
-        input_ids, attention_mask: ``(B, T)``.
-        subject_pos: ``(B,)`` index of the last subject token, or -1 where the row has no subject.
-        last_prompt_pos: ``(B,)`` index of the last prompt token (its logits predict the first target token).
-        target_ids: ``(B, S)`` target token ids, padded with -100; ``S`` = longest target (0 without targets).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    subject_pos: torch.Tensor
-    last_prompt_pos: torch.Tensor
-    target_ids: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: torch.Tensor) -> EncodedRows:
-        """The sub-batch of ``rows``, trimmed to its own longest row."""
-        width = int(self.attention_mask[rows].sum(1).max())
-        return EncodedRows(
-            self.input_ids[rows, :width],
-            self.attention_mask[rows, :width],
-            self.subject_pos[rows],
-            self.last_prompt_pos[rows],
-            self.target_ids[rows],
-        )
-
-    def target_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, positions, ids)`` of every real target token: logits at ``positions`` must predict ``ids``."""
-        s = self.target_ids.shape[1]
-        pos = self.last_prompt_pos[:, None] + torch.arange(s, device=self.target_ids.device)[None]  # (B, S)
-        valid = self.target_ids >= 0
-        rows = torch.arange(len(self), device=pos.device)[:, None].expand_as(pos)
-        return rows[valid], pos[valid], self.target_ids[valid]
-
-
-def pad_right(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``input_ids`` and ``attention_mask``, both ``(B, longest)``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def target_token_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of a target as it continues a prompt: with one leading space and never a BOS."""
-    return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
-
-
-def encode_rows(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    subjects: Sequence[str | None] | None = None,
-    targets: Sequence[str | None] | None = None,
-    device: torch.device | str = "cpu",
-) -> EncodedRows:
-    """Tokenise ``prompt (+ target[:-1])`` rows, recording the last subject token and the target positions.
-
-    The prompt and target are tokenised separately and concatenated, so the scored ids are exactly the target's. The
-    last subject token is found by tokenising the prompt up to the end of the subject's last occurrence (MEMIT's
-    ``subject_last`` lookup).
-    """
-    n = len(prompts)
-    subjects = subjects or [None] * n
-    targets = targets or [None] * n
-    rows: list[list[int]] = []
-    subject_pos, last_prompt_pos, target_lists = [], [], []
-    for prompt, subject, target in zip(prompts, subjects, targets, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        if subject is None:
-            subject_pos.append(-1)
-        else:
-            end = prompt.rindex(subject) + len(subject)
-            subject_pos.append(len(tokenizer(prompt[:end])["input_ids"]) - 1)
-        tgt = target_token_ids(tokenizer, target) if target is not None else []
-        rows.append(prompt_ids + tgt[:-1])
-        last_prompt_pos.append(len(prompt_ids) - 1)
-        target_lists.append(tgt)
-    input_ids, attention_mask = pad_right(rows, tokenizer.pad_token_id, device)
-    s = max(len(t) for t in target_lists)
-    target_ids = torch.full((n, s), -100, dtype=torch.long)
-    for i, tgt in enumerate(target_lists):
-        target_ids[i, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
-    return EncodedRows(
-        input_ids,
-        attention_mask,
-        torch.tensor(subject_pos, device=device),
-        torch.tensor(last_prompt_pos, device=device),
-        target_ids.to(device),
-    )
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every module of interest has run: the rest of the network need not run."""
-
-
-def forward_until(model: PreTrainedModel, module_names: Sequence[str], **inputs: torch.Tensor) -> None:
-    """Run ``model(**inputs)`` only until every named module has produced its output (hooks do the recording)."""
-    pending = set(module_names)
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            pending.discard(name)
-            if not pending:
-                raise _StopForward
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in module_names]
-    try:
-        model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _first_tensor(x: torch.Tensor | tuple) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x[0]
-
-
-@torch.no_grad()
-def capture(
-    model: PreTrainedModel,
-    rows: EncodedRows,
-    modules: dict[str, str],
-    positions: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Inputs or outputs of modules, at one position per row (or every position when ``positions`` is None).
-
-    Args:
-        modules: module path -> ``"input"`` or ``"output"``.
-        positions: ``(B,)`` token index per row.
-
-    Returns:
-        module path -> ``(B, d)`` (or ``(B, T, d)`` without positions). The forward pass stops after the last module.
-    """
-    found: dict[str, torch.Tensor] = {}
-    batch_index = torch.arange(len(rows), device=rows.input_ids.device)
-
-    def make_hook(name: str, kind: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            x = _first_tensor(args if kind == "input" else output)
-            found[name] = (x if positions is None else x[batch_index, positions]).detach()
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(make_hook(n, kind)) for n, kind in modules.items()]
-    try:
-        forward_until(model, list(modules), input_ids=rows.input_ids, attention_mask=rows.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
 
 
 KeyAveraging = Literal["release", "flat"]
@@ -252,34 +86,6 @@ def layer_output_at_subject(
 def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> torch.Tensor:
     """MEMIT's residual spreading: edited layer ``i`` (0-based, in order) of ``n_layers`` writes ``(z - h)/(n - i)``."""
     return (z - h) / (n_layers - i)
-
-
-@contextlib.contextmanager
-def blocks_from(model: PreTrainedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Run only the blocks above ``layer``, feeding ``hidden`` (``(B, T, d)``) to the first of them.
-
-    The block list is swapped for its upper slice and a pre-hook replaces the first upper block's input; embeddings
-    still run (cheap) so masks and positions are built as usual.
-    """
-    arch = architecture_of(model)
-    parent_name, _, attr = arch.blocks.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    blocks: nn.ModuleList = getattr(parent, attr)
-    if layer + 1 >= len(blocks):
-        raise ValueError(f"layers: the last edited layer ({layer}) must be below the top block ({len(blocks) - 1})")
-
-    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = blocks[layer + 1].register_forward_pre_hook(feed, with_kwargs=True)
-    setattr(parent, attr, nn.ModuleList(list(blocks)[layer + 1 :]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, blocks)
-        handle.remove()
 
 
 class _ShiftedSuffix:
@@ -337,26 +143,6 @@ class _ShiftedSuffix:
             for cached in self.upper_cache:  # forget the suffix (and its graph), keep the prefix for the next call
                 cached.keys = cached.keys[..., : self.prefix_len, :].detach()
                 cached.values = cached.values[..., : self.prefix_len, :].detach()
-
-
-def log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities (float32) from final hidden states ``(N, d)``; the LM head runs on these only."""
-    return model.get_output_embeddings()(hidden).float().log_softmax(-1)
-
-
-def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced ``(log_p (N_tokens, V), row (N_tokens,), id (N_tokens,))`` at every real target token of
-    ``rows``; gradients flow when enabled."""
-    hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
-    r, p, ids = rows.target_positions()
-    return log_softmax_at(model, hidden[r, p]), r, ids
-
-
-def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``(n_rows,)`` mean of ``values`` grouped by ``row`` (0 for a row without values)."""
-    total = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, values)
-    count = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, torch.ones_like(values))
-    return total / count.clamp(min=1)
 
 
 StopRule = Literal["loss", "argmax"]

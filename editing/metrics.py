@@ -50,8 +50,9 @@ import torch
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.locate import encode_rows, mean_per_row, target_log_probs
+from editing.forward import target_log_probs
 from editing.requests import EditRequest
+from editing.rows import encode_rows, mean_per_row
 
 TokenAveraging = Literal["case", "pooled"]
 Sampling = Literal["top5", "greedy"]

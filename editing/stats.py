@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
-from editing.locate import forward_until, pad_right
+from editing.forward import forward_until
+from editing.rows import pad_right
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Tests for editing.locate (keys, targets, the upper-block shortcut) and editing.models.EditedWeight."""
+"""Tests for editing.locate (keys, targets), editing.rows and editing.forward (the upper-block shortcut) and
+editing.models.EditedWeight."""
 
 from __future__ import annotations
 
@@ -7,20 +8,18 @@ import math
 import pytest
 import torch
 
+from editing.forward import blocks_from, capture
 from editing.locate import (
     average_template_keys,
-    blocks_from,
-    capture,
     compute_keys,
     compute_targets,
-    encode_rows,
     essence_kl,
     layer_output_at_subject,
     spread_residual,
-    target_token_ids,
 )
 from editing.models import EditedWeight, architecture_of
 from editing.requests import EditRequest
+from editing.rows import encode_rows, target_token_ids
 
 
 def _ids(tok, text: str) -> list[int]:

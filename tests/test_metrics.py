@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-from editing.locate import target_token_ids
 from editing.metrics import (
     HitRate,
     average_per_case,
@@ -18,6 +17,7 @@ from editing.metrics import (
     token_hits,
 )
 from editing.requests import EditRequest, LocalityProbe
+from editing.rows import target_token_ids
 
 
 # -- HitRate ---------------------------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.locate import EncodedRows, encode_rows, mean_per_row, target_log_probs
+from editing.forward import target_log_probs
 from editing.methods.base import EditMethod
 from editing.models import EditedWeight, default_mlp_layers
 from editing.requests import EditRequest
+from editing.rows import EncodedRows, encode_rows, mean_per_row
 
 
 class FineTune(EditMethod):

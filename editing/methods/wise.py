@@ -35,19 +35,13 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.pytorch_utils import Conv1D
 
 from editing.corpus import SAMPLE_SEEDS, file_texts
-from editing.locate import (
-    EncodedRows,
-    blocks_from,
-    capture,
-    encode_rows,
-    generate_context_templates,
-    log_softmax_at,
-    mean_per_row,
-)
+from editing.forward import blocks_from, capture, log_softmax_at
+from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
 from editing.router import Router, routing_scores
+from editing.rows import EncodedRows, encode_rows, mean_per_row
 from editing.side_memory import MergeStyle, SideMemory
 from editing.wise_export import export_edited
 

@@ -36,7 +36,8 @@ def small_wise(**kwargs) -> WISE:
 
 def projection_input(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input activations ``(B, T, d_in)`` of the side-memory projection and the attention mask."""
-    from editing.locate import capture, encode_rows
+    from editing.forward import capture
+    from editing.rows import encode_rows
 
     rows = encode_rows(tokenizer, texts)
     return capture(model, rows, {MODULE: "input"})[MODULE], rows.attention_mask

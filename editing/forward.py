@@ -1,0 +1,123 @@
+"""Partial forward passes: capture named modules' inputs or outputs and stop once they have run, run only the blocks
+above a layer, and apply the LM head only where log-probabilities are needed.
+
+Used by the locate-then-edit toolkit, the statistics, the metrics and WISE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from editing.models import architecture_of
+from editing.rows import EncodedRows
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every module of interest has run: the rest of the network need not run."""
+
+
+def forward_until(model: PreTrainedModel, module_names: Sequence[str], **inputs: torch.Tensor) -> None:
+    """Run ``model(**inputs)`` only until every named module has produced its output (hooks do the recording)."""
+    pending = set(module_names)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in module_names]
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_tensor(x: torch.Tensor | tuple) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x[0]
+
+
+@torch.no_grad()
+def capture(
+    model: PreTrainedModel,
+    rows: EncodedRows,
+    modules: dict[str, str],
+    positions: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Inputs or outputs of modules, at one position per row (or every position when ``positions`` is None).
+
+    Args:
+        modules: module path -> ``"input"`` or ``"output"``.
+        positions: ``(B,)`` token index per row.
+
+    Returns:
+        module path -> ``(B, d)`` (or ``(B, T, d)`` without positions). The forward pass stops after the last module.
+    """
+    found: dict[str, torch.Tensor] = {}
+    batch_index = torch.arange(len(rows), device=rows.input_ids.device)
+
+    def make_hook(name: str, kind: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            x = _first_tensor(args if kind == "input" else output)
+            found[name] = (x if positions is None else x[batch_index, positions]).detach()
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make_hook(n, kind)) for n, kind in modules.items()]
+    try:
+        forward_until(model, list(modules), input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+@contextlib.contextmanager
+def blocks_from(model: PreTrainedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Run only the blocks above ``layer``, feeding ``hidden`` (``(B, T, d)``) to the first of them.
+
+    The block list is swapped for its upper slice and a pre-hook replaces the first upper block's input; embeddings
+    still run (cheap) so masks and positions are built as usual.
+    """
+    arch = architecture_of(model)
+    parent_name, _, attr = arch.blocks.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    blocks: nn.ModuleList = getattr(parent, attr)
+    if layer + 1 >= len(blocks):
+        raise ValueError(f"layers: the last edited layer ({layer}) must be below the top block ({len(blocks) - 1})")
+
+    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = blocks[layer + 1].register_forward_pre_hook(feed, with_kwargs=True)
+    setattr(parent, attr, nn.ModuleList(list(blocks)[layer + 1 :]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        handle.remove()
+
+
+def log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (float32) from final hidden states ``(N, d)``; the LM head runs on these only."""
+    return model.get_output_embeddings()(hidden).float().log_softmax(-1)
+
+
+def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced ``(log_p (N_tokens, V), row (N_tokens,), id (N_tokens,))`` at every real target token of
+    ``rows``; gradients flow when enabled."""
+    hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
+    r, p, ids = rows.target_positions()
+    return log_softmax_at(model, hidden[r, p]), r, ids
