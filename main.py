@@ -1,8 +1,10 @@
 """Command line: ``python main.py fit|validate --config configs/lyaplock.yaml [--model.model_name ...]``.
 
 Built on LightningCLI: the module, data module and trainer arguments come from their signatures and docstrings.
-Without an explicit ``trainer.logger`` a run logs to CSV and to Weights & Biases (offline unless ``WANDB_MODE=online``)
-under ``trainer.default_root_dir``, and :class:`callbacks.RunReport` writes ``summary.json`` there.
+The run defaults are configuration, shown by ``--print_config`` and overridable from YAML or the command line:
+``trainer.logger`` logs to CSV and to Weights & Biases (offline unless ``WANDB_MODE=online``), every logger's
+``save_dir`` follows ``trainer.default_root_dir``; ``report`` (:class:`callbacks.RunReport`) writes ``summary.json``
+there and ``checkpoint`` (:class:`callbacks.RunCheckpoint`) keeps ``checkpoints/last.ckpt`` to resume from.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import warnings
 
 import wandb
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
-from callbacks import RunReport
+from callbacks import RunCheckpoint, RunReport
 from editing import EditDataModule, EditingModule
 from editing.models import check_model_name
 
@@ -33,33 +34,44 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 
 class EditingCLI(LightningCLI):
-    """LightningCLI with the project's default loggers and run report."""
+    """LightningCLI with the run report and the resume checkpoint, and the loggers writing under the run directory."""
 
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Own groups, not defaults of `trainer.callbacks`: a list in a config replaces that list as a whole, and
+        # `trainer_defaults["callbacks"]` would be fixed instances that --print_config does not show. These are always
+        # present and configurable (`--checkpoint.every_n_train_steps 5`), beside whatever `trainer.callbacks` holds.
+        parser.add_lightning_class_args(RunReport, "report")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        # Every logger that takes a save_dir (CSV, W&B, TensorBoard, ...) writes into the run directory; a save_dir
+        # given is replaced. (--print_config shows the config before links apply: save_dir null.)
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+
+    @override
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        # Bad input fails here, before loggers, caches or the model are touched.
+        # Bad input fails here, before anything is written: the parser has built the loggers and callbacks, which create
+        # no directory until the run starts, and the model, caches and logs are not touched yet.
         check_model_name(self.model.model_name)
         self.datamodule.setup("fit")
-        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
-        root = config.get("default_root_dir") or "runs/default"
-        config["default_root_dir"] = root
-        if config.get("logger") in (None, True):
-            config["logger"] = [
-                CSVLogger(root, name="csv"),
-                WandbLogger(
-                    project="lifelong-editing", save_dir=root, offline=os.environ.get("WANDB_MODE") != "online"
-                ),
-            ]
-        callbacks = list(config.get("callbacks") or [])
-        if not any(isinstance(cb, RunReport) for cb in callbacks):
-            callbacks.append(RunReport())
-        if config.get("enable_checkpointing") is not False and not any(
-            isinstance(cb, ModelCheckpoint) for cb in callbacks
-        ):
-            # after every edit step, so a long stream resumes where it stopped (only the latest is kept)
-            callbacks.append(ModelCheckpoint(dirpath=f"{root}/checkpoints", every_n_train_steps=1, save_last=True))
-        config["callbacks"] = callbacks
-        trainer = super().instantiate_trainer(**kwargs)
-        return trainer
+        return super().instantiate_trainer(**kwargs)
+
+
+def trainer_defaults() -> dict:
+    """The trainer settings of every run; the method configs set ``default_root_dir`` (``runs/<method>``)."""
+    return {
+        "default_root_dir": "runs/default",
+        "max_epochs": 1,
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "logger": [
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "csv"}},
+            {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"project": "lifelong-editing", "offline": os.environ.get("WANDB_MODE") != "online"},
+            },
+        ],
+    }
 
 
 def cli_main(args: list[str] | None = None) -> EditingCLI:
@@ -68,12 +80,7 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
             EditingModule,
             EditDataModule,
             seed_everything_default=0,
-            trainer_defaults={
-                "max_epochs": 1,
-                "num_sanity_val_steps": 0,
-                "enable_model_summary": False,
-                "log_every_n_steps": 1,
-            },
+            trainer_defaults=trainer_defaults(),
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             args=args,

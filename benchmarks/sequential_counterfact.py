@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runs import DATA, REPO, run_cli  # noqa: E402
 
 from editing.cache import default_cache_dir  # noqa: E402
-from editing.models import EMBEDDED_MODEL, architecture_of, resolve_source  # noqa: E402
+from editing.models import EMBEDDED_MODEL, architecture_of, default_mlp_layers, resolve_source  # noqa: E402
 
 METHODS = {"lyaplock": "configs/lyaplock.yaml", "memit": "configs/memit.yaml", "alphaedit": "configs/alphaedit.yaml"}
 
@@ -42,12 +42,15 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 5, trials: int = 3)
     return best
 
 
-def upper_block_params(shift_layer: int) -> int:
-    """Parameters of the blocks above the shift layer: each target iteration costs ~4 FLOPs per parameter and token
-    (forward 2, backward 2: gradients flow to activations only, never to weights)."""
+def upper_block_params(config_path: Path) -> int:
+    """Parameters of the blocks above the shift layer (the last edited one: the config's ``layers``, else the model's
+    default): each target iteration costs ~4 FLOPs per parameter and token (forward 2, backward 2: gradients flow to
+    activations only, never to weights)."""
     config = AutoConfig.from_pretrained(resolve_source(EMBEDDED_MODEL, default_cache_dir()))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    layers = yaml.safe_load(config_path.read_text())["model"]["method"].get("init_args", {}).get("layers")
+    shift_layer = (layers or default_mlp_layers(model))[-1]
     blocks = model.get_submodule(architecture_of(model).blocks)
     per_block = sum(p.numel() for p in blocks[0].parameters())
     return per_block * (len(blocks) - shift_layer - 1)
@@ -82,7 +85,7 @@ def main() -> None:
     for name in opts.methods:
         summary = run_cli(["fit", "--config", METHODS[name], *common], work / name, opts.reuse)
         steps = summary["steps"]
-        upper = upper_block_params(_last_layer(REPO / METHODS[name]))
+        upper = upper_block_params(REPO / METHODS[name])
         peak_flops = peak_flops or matmul_flops_per_second()
         target_flops = sum(4 * upper * s.get("train/target_tokens", 0) for s in steps)
         target_seconds = sum(s["targets"] for s in steps)
@@ -113,10 +116,6 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {out}")
-
-
-def _last_layer(config_path: Path) -> int:
-    return yaml.safe_load(config_path.read_text())["model"]["method"]["init_args"]["layers"][-1]
 
 
 def format_table(report: dict) -> str:

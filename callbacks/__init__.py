@@ -1,11 +1,22 @@
-"""Cross-cutting behaviour of editing runs: reporting, condition-number monitoring, PRUNE restraint, WISE memory
-management and routing diagnostics."""
+"""Cross-cutting behaviour of editing runs: reporting, the resume checkpoint, condition-number monitoring, PRUNE
+restraint, WISE memory management and routing diagnostics."""
 
+from callbacks.checkpoint import RunCheckpoint
 from callbacks.condition_number import ConditionNumberMonitor
+from callbacks.original_weights import OriginalWeights
 from callbacks.perplexity import HeldOutPerplexity
 from callbacks.prune import PruneRestraint
 from callbacks.report import RunReport
 from callbacks.routing_monitor import RoutingMonitor
 from callbacks.wise_memory import WiseMemory
 
-__all__ = ["ConditionNumberMonitor", "HeldOutPerplexity", "PruneRestraint", "RoutingMonitor", "RunReport", "WiseMemory"]
+__all__ = [
+    "ConditionNumberMonitor",
+    "HeldOutPerplexity",
+    "OriginalWeights",
+    "PruneRestraint",
+    "RoutingMonitor",
+    "RunCheckpoint",
+    "RunReport",
+    "WiseMemory",
+]

@@ -67,9 +67,7 @@ class RunReport(Callback):
         data = trainer.datamodule
         steps = len(self.step_times)
         split = (
-            {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in pl_module.method.timings}
-            if steps
-            else {}
+            {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in pl_module.method.timings} if steps else {}
         )
         val_interval = trainer.val_check_interval
         return {
