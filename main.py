@@ -13,8 +13,10 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 import wandb
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
@@ -28,9 +30,24 @@ class SaveAndLogConfig(SaveConfigCallback):
     """Writes ``config.yaml`` beside the run and sends the full parsed config (method included) to every logger."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = self.config.as_dict()
+        # As config.yaml holds it: plain numbers and strings, not jsonargparse's types (PositiveInt, Path), so every
+        # logger stores it as data (CSV's hparams.yaml loads with yaml.safe_load).
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config["config"] = [str(path) for path in self.config.get("config") or []]  # the files it was composed from
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+
+
+class EditingArgumentParser(LightningArgumentParser):
+    """The command-line parser, reporting a bad argument as every other bad input: the error, not the full usage."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse parsing internally, expecting an exception
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\ntip: {prog} --help lists the accepted arguments\n")
+        self.exit(2)
 
 
 class EditingCLI(LightningCLI):
@@ -46,13 +63,16 @@ class EditingCLI(LightningCLI):
         # Every logger that takes a save_dir (CSV, W&B, TensorBoard, ...) writes into the run directory; a save_dir
         # given is replaced. (--print_config shows the config before links apply: save_dir null.)
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+        # The module receives the edit stream it edits and scores from the data module, once it is built: reading
+        # the stream here makes bad requests fail while the classes are instantiated, before anything is written.
+        parser.link_arguments("data", "model.stream", compute_fn=EditDataModule.stream, apply_on="instantiate")
 
     @override
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        # Bad input fails here, before anything is written: the parser has built the loggers and callbacks, which create
-        # no directory until the run starts, and the model, caches and logs are not touched yet.
+        # Bad input fails before anything is written: the requests were read when the data module was instantiated
+        # (the link above), the loggers and callbacks create no directory until the run starts, and the model, caches
+        # and logs are not touched yet.
         check_model_name(self.model.model_name)
-        self.datamodule.setup("fit")
         return super().instantiate_trainer(**kwargs)
 
 
@@ -83,6 +103,7 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
             trainer_defaults=trainer_defaults(),
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
+            parser_class=EditingArgumentParser,
             args=args,
         )
     finally:

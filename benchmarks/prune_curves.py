@@ -32,10 +32,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runs import DATA, REPO, run_cli  # noqa: E402
 
-from editing.spectral import restrain  # noqa: E402
+from editing.spectral import LogBase, restrain  # noqa: E402
 
 PRUNE_KEY = "PruneRestraint"
 SERIES = ("efficacy", "generalization", "specificity", "locality", "perplexity")
+
+
+def _log_base(text: str) -> LogBase:
+    """``--log-base``: ``e`` or ``linear`` as given, anything else as a number."""
+    return text if text in ("e", "linear") else float(text)
 
 
 def fit_config(opts: argparse.Namespace, root: Path) -> dict:
@@ -46,7 +51,7 @@ def fit_config(opts: argparse.Namespace, root: Path) -> dict:
             "val_check_interval": opts.every,
             "callbacks": [
                 {"class_path": "callbacks.HeldOutPerplexity", "init_args": {"tokens": opts.ppl_tokens}},
-                {"class_path": "callbacks.PruneRestraint", "init_args": {"mode": "posthoc", "alpha": opts.alpha}},
+                {"class_path": "callbacks.PruneRestraint", "init_args": {"mode": "posthoc", "log_base": opts.log_base}},
                 {"class_path": "callbacks.ConditionNumberMonitor", "init_args": {"every_n_steps": 1}},
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -99,7 +104,7 @@ def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def spectral_point(
-    originals: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], alpha: str
+    originals: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], log_base: LogBase
 ) -> dict[str, dict[str, float]]:
     """Per edited matrix: kappa of ``W_n`` and of PRUNE's ``W + U F(S) V^T``, ``||W_n - W||_2``, the restrained count
     and the seconds the restraint took."""
@@ -108,7 +113,7 @@ def spectral_point(
         current = weights[name]
         sigma_max = float(torch.linalg.matrix_norm(original.double(), ord=2))
         start = time.perf_counter()
-        restrained, count = restrain(original, current, sigma_max, alpha if alpha in ("e", "linear") else float(alpha))
+        restrained, count = restrain(original, current, sigma_max, log_base)
         seconds = time.perf_counter() - start
         layer = name.split(".")[2]
         for label, w in (("unrestrained", current.double()), ("restrained", restrained)):
@@ -141,7 +146,9 @@ def main() -> None:
     parser.add_argument("--mom2-weight", type=float, default=15000.0, help="MEMIT's lambda")
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L's Adam learning rate")
     parser.add_argument("--ft-norm-constraint", type=float, default=None, help="FT-L's L-inf bound (default: none)")
-    parser.add_argument("--alpha", default="e")
+    parser.add_argument(
+        "--log-base", type=_log_base, default="e", help="PRUNE's log base (the paper's alpha): e, a number > 1, linear"
+    )
     parser.add_argument("--ppl-tokens", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "prune_curves")
     parser.add_argument("--reuse", action="store_true", help="skip the fit / validate runs whose outputs exist")
@@ -172,7 +179,7 @@ def main() -> None:
             "edits": 0,
             "unrestrained": unedited,
             "restrained": unedited,  # W_0 - W = 0: nothing to restrain
-            "spectral": spectral_point(originals, originals, opts.alpha),
+            "spectral": spectral_point(originals, originals, opts.log_base),
         }
     ]
     for ckpt in checkpoints:
@@ -182,12 +189,12 @@ def main() -> None:
                 "edits": edits,
                 "unrestrained": validate(opts, out / f"validate_{edits}", ckpt),
                 "restrained": restrained_history.get(edits, {}).get("metrics", {}),
-                "spectral": spectral_point(*checkpoint_weights(ckpt), opts.alpha),
+                "spectral": spectral_point(*checkpoint_weights(ckpt), opts.log_base),
             }
         )
     result = {
         "protocol": f"{describe(opts)} on SmolLM2-135M, {opts.limit} CounterFact edits, "
-        f"one per step; PRUNE posthoc alpha={opts.alpha}; evaluated every {opts.every} edits on all edits so far",
+        f"one per step; PRUNE posthoc log_base={opts.log_base}; evaluated every {opts.every} edits on all edits so far",
         "fit_seconds": fit_seconds,
         "seconds_per_edit": fit_summary.get("timing", {}),
         "points": points,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
+
+from editing.arguments import check_arguments
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -22,7 +25,8 @@ class RunCheckpoint(ModelCheckpoint):
             one); 0 writes no checkpoint.
     """
 
-    def __init__(self, every_n_train_steps: int = 1) -> None:
+    @check_arguments
+    def __init__(self, every_n_train_steps: NonNegativeInt = 1) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
             save_top_k=0,

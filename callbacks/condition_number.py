@@ -12,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from callbacks.original_weights import OriginalWeights
 from callbacks.prune import PruneRestraint
+from editing.arguments import check_arguments
 from editing.spectral import spectral_stats
 
 
@@ -38,12 +40,9 @@ class ConditionNumberMonitor(OriginalWeights):
             eigenvalues (see :func:`singular_value_range`).
     """
 
-    def __init__(self, every_n_steps: int = 1, exact_max_dim: int = 2048) -> None:
+    @check_arguments
+    def __init__(self, every_n_steps: PositiveInt = 1, exact_max_dim: PositiveInt = 2048) -> None:
         super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps: must be >= 1, got {every_n_steps}")
-        if exact_max_dim < 1:
-            raise ValueError(f"exact_max_dim: must be >= 1, got {exact_max_dim}")
         self.every_n_steps = every_n_steps
         self.exact_max_dim = exact_max_dim
         self.last: dict[str, float] = {}  # the last logged values, by key

@@ -14,14 +14,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from editing.arguments import check_arguments
 from editing.corpus import file_texts, load_corpus
 from editing.rows import pad_right
 from editing.stats import token_chunks
+
+HeldOutTokens = restricted_number_type("HeldOutTokens", int, (">=", 2))  # one token to predict from another
+ChunkLength = restricted_number_type("ChunkLength", int, (">=", 8))  # token_chunks drops pieces under 8 tokens
 
 
 @torch.no_grad()
@@ -66,15 +71,21 @@ class HeldOutPerplexity(Callback):
             field) file of held-out text. ``None``: sample ``tokens`` tokens from the unedited model (at
             ``on_fit_start``, or ``on_validation_start`` of a ``validate`` run; cached like the C0 sample, see
             :func:`editing.corpus.load_corpus`).
-        tokens: number of tokens evaluated (the cost of one evaluation is one forward pass over them).
-        seq_len: tokens per chunk, i.e. the longest context scored.
+        tokens: number of tokens evaluated (the cost of one evaluation is one forward pass over them); at least 2.
+        seq_len: tokens per chunk, i.e. the longest context scored; at least 8 (shorter pieces are dropped).
         batch_size: chunks per forward pass.
         seed: seed of the model sample (``path=None``). It must differ from the editing method's ``seed`` (default
             0) when C0 is also sampled from the model, or the held-out text would be the C0 text.
     """
 
+    @check_arguments
     def __init__(
-        self, path: str | None = None, tokens: int = 5000, seq_len: int = 256, batch_size: int = 8, seed: int = 1
+        self,
+        path: str | None = None,
+        tokens: HeldOutTokens = 5000,
+        seq_len: ChunkLength = 256,
+        batch_size: PositiveInt = 8,
+        seed: int = 1,
     ) -> None:
         if path is not None:
             file = Path(path).expanduser()
@@ -82,12 +93,6 @@ class HeldOutPerplexity(Callback):
                 raise ValueError(f"path: expected a .txt or .jsonl file, got '{path}'")
             if not file.is_file():
                 raise ValueError(f"path: file '{path}' does not exist")
-        if tokens < 2:
-            raise ValueError(f"tokens: must be >= 2, got {tokens}")
-        if seq_len < 8:
-            raise ValueError(f"seq_len: must be >= 8 (shorter pieces are dropped), got {seq_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.path = path
         self.tokens = tokens
         self.seq_len = seq_len

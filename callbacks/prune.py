@@ -3,8 +3,9 @@
 Sequential edits accumulate a perturbation ``Delta_n = W_n - W`` of every edited matrix, against its original ``W``.
 Its largest singular values grow past those of ``W`` and inflate the condition number, which is what breaks the
 model's other knowledge. PRUNE bounds them: with ``Delta_n = U S V^T`` every singular value ``s >= sigma_max(W)`` is
-replaced by ``F(s) = sigma_max(W) + log_alpha(s / sigma_max(W))`` and the restrained matrix is ``W + U F(S) V^T``; it
-replaces ``W_n`` (DESIGN.md section 7). Only the top singular triplets change, so a truncated SVD is enough.
+replaced by ``F(s) = sigma_max(W) + log_b(s / sigma_max(W))`` (``b``: ``log_base``, the paper's alpha) and the
+restrained matrix is ``W + U F(S) V^T``; it replaces ``W_n`` (DESIGN.md section 7). Only the top singular triplets
+change, so a truncated SVD is enough.
 
 The callback never changes how a method computes its update (STYLE.md section 2.4); it decides when weights are
 restrained: before every evaluation and export (``posthoc``, the paper's protocol) or every k edit steps (``inloop``,
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from callbacks.original_weights import OriginalWeights
+from editing.arguments import GreaterThanOne, check_arguments
 from editing.spectral import LogBase, restrain, singular_triplets_above, spectral_norm
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,8 @@ class PruneRestraint(OriginalWeights):
 
     Args:
         mode: ``posthoc`` or ``inloop`` (see above).
-        alpha: base of the logarithm in ``F``: ``e`` (the paper's default), a number > 1 (the paper also uses 2, 1.5
-            and 1.2), or ``linear`` for ``F(s) = (s + sigma_max) / 2``.
+        log_base: base of the logarithm in ``F`` (the paper's alpha): ``e`` (the paper's default), a number > 1 (the
+            paper also uses 2, 1.5 and 1.2), or ``linear`` for ``F(s) = (s + sigma_max) / 2``.
         every_n_steps: in ``inloop`` mode, restrain after every this many edit steps.
         rank: initial rank of the truncated SVD of ``W_n - W`` (doubled until it reaches below the threshold).
         niter: power iterations of the randomized SVD (more: more accurate top triplets).
@@ -54,32 +57,20 @@ class PruneRestraint(OriginalWeights):
         export_dir: at the end of ``fit``, save the model with restrained weights here (``save_pretrained``).
     """
 
+    @check_arguments
     def __init__(
         self,
         mode: Literal["posthoc", "inloop"] = "posthoc",
-        alpha: float | Literal["e", "linear"] = "e",
-        every_n_steps: int = 1,
-        rank: int = 8,
-        niter: int = 4,
+        log_base: GreaterThanOne | Literal["e", "linear"] = "e",
+        every_n_steps: PositiveInt = 1,
+        rank: PositiveInt = 8,
+        niter: NonNegativeInt = 4,
         full_svd: bool = False,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("posthoc", "inloop"):
-            raise ValueError(f"mode: expected 'posthoc' or 'inloop', got {mode!r}")
-        if isinstance(alpha, str):
-            if alpha not in ("e", "linear"):
-                raise ValueError(f"alpha: expected 'e', 'linear' or a number > 1, got {alpha!r}")
-        elif isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 1:
-            raise ValueError(f"alpha: expected 'e', 'linear' or a number > 1, got {alpha!r}")
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps: must be >= 1, got {every_n_steps}")
-        if rank < 1:
-            raise ValueError(f"rank: must be >= 1, got {rank}")
-        if niter < 0:
-            raise ValueError(f"niter: must be >= 0, got {niter}")
         self.mode = mode
-        self.alpha: LogBase = alpha if isinstance(alpha, str) else float(alpha)
+        self.log_base: LogBase = log_base if isinstance(log_base, str) else float(log_base)
         self.every_n_steps = every_n_steps
         self.rank = rank
         self.niter = niter
@@ -93,7 +84,7 @@ class PruneRestraint(OriginalWeights):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, alpha=self.alpha, every_n_steps=self.every_n_steps)
+        return self._generate_state_key(mode=self.mode, log_base=self.log_base, every_n_steps=self.every_n_steps)
 
     # -- policy --------------------------------------------------------------------------------------------------
     def should_restrain(self, step: int) -> bool:
@@ -115,7 +106,7 @@ class PruneRestraint(OriginalWeights):
                 self.originals[name],
                 param,
                 self.sigma_max[name],
-                self.alpha,
+                self.log_base,
                 self.rank,
                 self.niter,
                 self.full_svd,
@@ -160,20 +151,20 @@ class PruneRestraint(OriginalWeights):
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _on_originals(self, pl_module: LightningModule) -> None:
         self.sigma_max = {name: spectral_norm(w) for name, w in self.originals.items()}
-        if self.alpha == "linear":
+        if self.log_base == "linear":
             return
-        log_base = math.log(math.e if self.alpha == "e" else self.alpha)
+        ln_base = math.log(math.e if self.log_base == "e" else self.log_base)
         for name, sigma in self.sigma_max.items():
-            if sigma * log_base < 1:
+            if sigma * ln_base < 1:
                 rank_zero_warn(
-                    f"PruneRestraint: sigma_max(W) = {sigma:.3g} of {name} is below 1 / ln(alpha); F then raises "
+                    f"PruneRestraint: sigma_max(W) = {sigma:.3g} of {name} is below 1 / ln(log_base); F then raises "
                     "singular values just above the threshold (see docs/prune.md)"
                 )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_originals(pl_module)
-        rank_zero_info(f"PruneRestraint: {self.mode} mode, alpha={self.alpha}, on {sorted(self.originals)}")
+        rank_zero_info(f"PruneRestraint: {self.mode} mode, log_base={self.log_base}, on {sorted(self.originals)}")
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 class RunReport(Callback):
     """Collects per-step timings and every evaluation, and writes them to ``<default_root_dir>/summary.json``.
 
-    The summary records the protocol next to the numbers (edits per step, edits applied, when evaluation ran and
-    with which metric family), so results from different runs can be compared honestly.
+    The summary records the protocol next to the numbers (the stream, edits per step, edits applied, when evaluation
+    ran, with which metric family and how token accuracies were averaged), so results from different runs can be
+    compared honestly.
 
     Args:
         filename: name of the summary file inside ``trainer.default_root_dir``.
@@ -64,7 +65,7 @@ class RunReport(Callback):
             self.write(trainer, pl_module)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        data = trainer.datamodule
+        stream = pl_module.stream
         steps = len(self.step_times)
         split = (
             {k: sum(t.get(k, 0.0) for t in self.step_times) / steps for k in pl_module.method.timings} if steps else {}
@@ -74,12 +75,13 @@ class RunReport(Callback):
             "method": type(pl_module.method).__name__,
             "model": pl_module.model_name,
             "protocol": {
-                "data": data.path or "built-in",
-                "stream_id": data.stream_id,
-                "edits_per_step": data.edits_per_step,
+                "data": stream.source,
+                "stream_id": stream.stream_id,
+                "edits_per_step": stream.edits_per_step,
                 "total_edits": int(pl_module.edits_done),
                 "edit_steps": steps,
-                "metric_family": data.metric_family,
+                "metric_family": stream.metric_family,
+                "token_averaging": pl_module.token_averaging,
                 "evaluation": "after the last edit"
                 if val_interval == 1.0
                 else f"every {val_interval} steps and at the end",

@@ -31,7 +31,7 @@ class RoutingMonitor(Callback):
             return
         method = WISE.of(pl_module, type(self).__name__)
         done = int(pl_module.edits_done)
-        requests = trainer.datamodule.requests[:done]
+        requests = pl_module.stream.requests[:done]
         if not requests or not method.memory.answering():
             return
         kinds = {

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from editing.arguments import check_arguments
 from editing.methods.wise import WISE
 
 
@@ -31,17 +33,16 @@ class WiseMemory(Callback):
             (reload with :func:`editing.wise_export.load_edited`).
     """
 
+    @check_arguments
     def __init__(
         self,
-        save_freq: int = 500,
-        merge_freq: int = 1000,
+        save_freq: PositiveInt = 500,
+        merge_freq: PositiveInt = 1000,
         retrieve: bool = False,
         export_dir: str | None = None,
     ) -> None:
-        if save_freq < 1:
-            raise ValueError(f"save_freq: must be >= 1, got {save_freq}")
-        if merge_freq < 1 or merge_freq % save_freq:
-            raise ValueError(f"merge_freq: must be a positive multiple of save_freq ({save_freq}), got {merge_freq}")
+        if merge_freq % save_freq:
+            raise ValueError(f"merge_freq: must be a multiple of save_freq ({save_freq}), got {merge_freq}")
         self.save_freq, self.merge_freq, self.retrieve = save_freq, merge_freq, retrieve
         self.export_dir = export_dir
         self.merges = 0

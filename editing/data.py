@@ -7,15 +7,19 @@ module scores only the requests edited so far (all of them before the first edit
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from editing.arguments import check_arguments
 from editing.requests import EditRequest, builtin_requests, detect_format, read_requests
 
 IndexedRequest = tuple[int, EditRequest]
+MetricFamily = Literal["counterfact", "token"]
 
 
 def _as_batch(items: list[IndexedRequest]) -> list[IndexedRequest]:
@@ -47,6 +51,28 @@ class StreamLoader(DataLoader):
         self._skip = state.get("batches_consumed", 0)
 
 
+@dataclass(frozen=True)
+class EditStream:
+    """What a run edits and how it is scored, fixed once the data module has read its requests.
+
+    The module receives this description (the CLI links it into ``model.stream``) and callbacks read it there, so
+    nothing reaches through the trainer into the data module for it.
+
+    Attributes:
+        requests: the edit requests in stream order (edit step ``k`` edits the ``k``-th group of ``edits_per_step``).
+        metric_family: ``counterfact`` or ``token``, resolved from the data module's ``metric_family``.
+        stream_id: fingerprint of the ordered stream (case ids and targets), recorded with every result and checkpoint.
+        source: the request file, or ``built-in``.
+        edits_per_step: requests edited together in one step.
+    """
+
+    requests: tuple[EditRequest, ...]
+    metric_family: MetricFamily
+    stream_id: str
+    source: str
+    edits_per_step: int
+
+
 class EditDataModule(LightningDataModule):
     """Edit requests from a file (or the built-in set) as a sequential stream.
 
@@ -63,22 +89,19 @@ class EditDataModule(LightningDataModule):
             ``target_true``, else ``token``).
     """
 
+    @check_arguments
     def __init__(
         self,
         path: str | None = None,
         format: Literal["auto", "counterfact", "zsre", "easyedit", "jsonl"] = "auto",
-        limit: int | None = None,
-        edits_per_step: int = 1,
+        limit: PositiveInt | None = None,
+        edits_per_step: PositiveInt = 1,
         shuffle: bool = False,
         seed: int = 0,
-        eval_batch_size: int = 16,
+        eval_batch_size: PositiveInt = 16,
         metric_family: Literal["auto", "counterfact", "token"] = "auto",
     ) -> None:
         super().__init__()
-        if edits_per_step < 1:
-            raise ValueError(f"data.edits_per_step: must be >= 1, got {edits_per_step}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"data.limit: must be >= 1, got {limit}")
         self.path = path
         self.format = format
         self.limit = limit
@@ -87,12 +110,19 @@ class EditDataModule(LightningDataModule):
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.requested_family = metric_family
-        self.requests: list[EditRequest] = []
-        self.metric_family = "counterfact"  # resolved in setup
+        self._stream: EditStream | None = None  # read by setup, or by the first stream()
 
     def setup(self, stage: str) -> None:
-        if self.requests:
-            return
+        self.stream()
+
+    def stream(self) -> EditStream:
+        """The edit stream, read on first use (``setup`` reads it too; reading twice returns the same stream), so
+        it can be handed to the module before the trainer runs; bad requests fail here, before anything is written."""
+        if self._stream is None:
+            self._stream = self._read()
+        return self._stream
+
+    def _read(self) -> EditStream:
         if self.path is None:
             requests = builtin_requests(self.limit)
         else:
@@ -102,21 +132,36 @@ class EditDataModule(LightningDataModule):
         if self.shuffle:
             order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(self.seed)).tolist()
             requests = [requests[i] for i in order]
-        self.requests = requests
-        self.metric_family = self._resolve_family()
+        digest = hashlib.sha256("\n".join(f"{r.case_id}\t{r.target_new}" for r in requests).encode())
+        return EditStream(
+            requests=tuple(requests),
+            metric_family=self._resolve_family(requests),
+            stream_id=digest.hexdigest()[:16],
+            source=self.path or "built-in",
+            edits_per_step=self.edits_per_step,
+        )
 
-    def _resolve_family(self) -> str:
+    def _resolve_family(self, requests: list[EditRequest]) -> MetricFamily:
         if self.requested_family != "auto":
             return self.requested_family
         if self.path is not None and (self.format if self.format != "auto" else detect_format(self.path)) == "zsre":
             return "token"
-        return "counterfact" if all(r.target_true for r in self.requests) else "token"
+        return "counterfact" if all(r.target_true for r in requests) else "token"
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        """The requests in stream order (see :class:`EditStream`)."""
+        return self.stream().requests
+
+    @property
+    def metric_family(self) -> MetricFamily:
+        """The resolved metric family (see :class:`EditStream`)."""
+        return self.stream().metric_family
 
     @property
     def stream_id(self) -> str:
-        """Fingerprint of the ordered stream (case ids and targets), recorded with every result and checkpoint."""
-        digest = hashlib.sha256("\n".join(f"{r.case_id}\t{r.target_new}" for r in self.requests).encode())
-        return digest.hexdigest()[:16]
+        """Fingerprint of the ordered stream (see :class:`EditStream`)."""
+        return self.stream().stream_id
 
     def train_dataloader(self) -> DataLoader:
         return StreamLoader(list(enumerate(self.requests)), self.edits_per_step)

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editing.arguments import check_arguments
 from editing.cache import default_cache_dir
-from editing.data import IndexedRequest
+from editing.data import EditStream, IndexedRequest
 from editing.methods.base import EditMethod
 from editing.metrics import (
     HitRate,
@@ -70,8 +72,11 @@ class EditingModule(LightningModule):
         fluency_max_length: tokens per generated text, prompt included (ROME's ``max_out_len=100``).
         fluency_sampling: ``top5`` samples from the 5 most likely tokens as ROME's ``generate_fast`` (seeded, the
             global random state untouched); ``greedy`` takes the argmax.
+        stream: the edit stream the module edits and scores (:meth:`EditDataModule.stream`); the command line links
+            it from ``data`` (it is not a hyperparameter); in Python, pass ``data.stream()``.
     """
 
+    @check_arguments
     def __init__(
         self,
         method: EditMethod,
@@ -81,22 +86,18 @@ class EditingModule(LightningModule):
         step_metrics: bool = True,
         token_averaging: TokenAveraging = "case",
         fluency: bool = True,
-        fluency_max_length: int = 100,
+        fluency_max_length: PositiveInt = 100,
         fluency_sampling: Sampling = "top5",
+        stream: EditStream | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["method"])
+        self.save_hyperparameters(ignore=["method", "stream"])
         self.method = method
+        self._stream = stream
         self.model_name = model_name
         self.dtype_name = dtype
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.step_metrics = step_metrics
-        if token_averaging not in ("case", "pooled"):
-            raise ValueError(f"token_averaging must be 'case' or 'pooled', got {token_averaging!r}")
-        if fluency_sampling not in ("top5", "greedy"):
-            raise ValueError(f"fluency_sampling must be 'top5' or 'greedy', got {fluency_sampling!r}")
-        if fluency_max_length < 1:
-            raise ValueError(f"fluency_max_length must be at least 1, got {fluency_max_length}")
         self.token_averaging = token_averaging
         self.fluency = fluency
         self.fluency_max_length = fluency_max_length
@@ -116,6 +117,13 @@ class EditingModule(LightningModule):
         self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
         self.model.to(self.device)
         self.method.setup(self.model, self.tokenizer, self.model_name, self.cache_dir)
+
+    @property
+    def stream(self) -> EditStream:
+        """The edit stream given at construction (the requests, their metric family and the stream's identity)."""
+        if self._stream is None:
+            raise ValueError("stream: EditingModule needs the edit stream: EditingModule(..., stream=data.stream())")
+        return self._stream
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         """The edited language model (``input_ids``, ``attention_mask``, ... as for Hugging Face models)."""
@@ -172,15 +180,14 @@ class EditingModule(LightningModule):
         self.log("edits/total", float(self.edits_done))
 
     def _score(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
-        family = self.trainer.datamodule.metric_family
+        family = self.stream.metric_family
         return score_requests(
             self.model, self.tokenizer, requests, family, self.locality_reference, self.token_averaging
         )
 
     def _ensure_reference(self) -> None:
         """Cache the unedited model's locality predictions before the first edit (restored from checkpoints)."""
-        requests = self.trainer.datamodule.requests
-        missing = [r for r in requests if r.case_id not in self.locality_reference]
+        missing = [r for r in self.stream.requests if r.case_id not in self.locality_reference]
         if not missing:
             return
         if int(self.edits_done) > 0:

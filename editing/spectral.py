@@ -20,23 +20,24 @@ import torch
 LogBase = float | Literal["e", "linear"]
 
 
-def restraint_function(s: torch.Tensor, sigma_max: float, alpha: LogBase = "e") -> torch.Tensor:
-    """PRUNE's ``F``: singular values ``s >= sigma_max`` become ``sigma_max + log_alpha(s / sigma_max)``.
+def restraint_function(s: torch.Tensor, sigma_max: float, log_base: LogBase = "e") -> torch.Tensor:
+    """PRUNE's ``F``: singular values ``s >= sigma_max`` become ``sigma_max + log_b(s / sigma_max)``, ``b`` being
+    ``log_base`` (the paper's alpha).
 
-    ``alpha="linear"`` is the ablation ``(s + sigma_max) / 2``. Values below ``sigma_max`` are returned unchanged, and
-    ``F(sigma_max) = sigma_max``, so ``F`` is continuous at the threshold.
+    ``log_base="linear"`` is the ablation ``(s + sigma_max) / 2``. Values below ``sigma_max`` are returned unchanged,
+    and ``F(sigma_max) = sigma_max``, so ``F`` is continuous at the threshold.
 
-    Note that ``F`` is not scale-free: its slope at the threshold is ``1 / (sigma_max ln alpha)``, so for
-    ``sigma_max < 1 / ln(alpha)`` it raises values just above the threshold instead of lowering them.
+    Note that ``F`` is not scale-free: its slope at the threshold is ``1 / (sigma_max ln b)``, so for
+    ``sigma_max < 1 / ln(b)`` it raises values just above the threshold instead of lowering them.
 
     Example:
         >>> restraint_function(torch.tensor([1.0, 2.0, 2.0 * math.e]), 2.0)
         tensor([1., 2., 3.])
     """
-    if alpha == "linear":
+    if log_base == "linear":
         restrained = (s + sigma_max) / 2
     else:
-        base = math.e if alpha == "e" else float(alpha)
+        base = math.e if log_base == "e" else float(log_base)
         restrained = sigma_max + torch.log(s / sigma_max) / math.log(base)
     return torch.where(s >= sigma_max, restrained, s)
 
@@ -101,7 +102,7 @@ def restrain(
     original: torch.Tensor,
     current: torch.Tensor,
     sigma_max: float,
-    alpha: LogBase = "e",
+    log_base: LogBase = "e",
     rank: int = 8,
     niter: int = 4,
     full_svd: bool = False,
@@ -117,7 +118,7 @@ def restrain(
         original: ``W``, the unedited matrix (any layout; singular values do not depend on it).
         current: ``W_n``, the same matrix after ``n`` edits.
         sigma_max: ``sigma_max(W)``, the threshold.
-        alpha, rank, niter, full_svd, generator: see :func:`restraint_function` and :func:`singular_triplets_above`.
+        log_base, rank, niter, full_svd, generator: see :func:`restraint_function` and :func:`singular_triplets_above`.
 
     Returns:
         The restrained matrix (float64, shape of ``current``) and the number of restrained singular values.
@@ -127,7 +128,7 @@ def restrain(
     U, S, V = singular_triplets_above(delta, sigma_max, rank, niter, full_svd, generator)
     restrained = W + delta
     if S.numel():
-        restrained += (U * (restraint_function(S, sigma_max, alpha) - S)) @ V.mT
+        restrained += (U * (restraint_function(S, sigma_max, log_base) - S)) @ V.mT
     return restrained, int(S.numel())
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_fit_args
+import yaml
+from helpers import REPO, tiny_fit_args
 
 from main import cli_main
 
@@ -30,9 +31,12 @@ def test_fit_writes_summary_metrics_and_small_checkpoint(tiny_run: dict[str, Pat
     summary = json.loads((root / "summary.json").read_text())
     assert summary["method"] == {"lyaplock": "LyapLock", "memit": "MEMIT", "alphaedit": "AlphaEdit"}[method]
     assert summary["protocol"]["total_edits"] == 3 and summary["protocol"]["edits_per_step"] == 1
+    assert summary["protocol"]["metric_family"] == "counterfact" and summary["protocol"]["token_averaging"] == "case"
     assert set(summary["metrics"]) >= {"efficacy", "generalization", "locality"}
     assert set(summary["timing"]["split"]) == {"targets", "keys", "solve"}
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
+    hparams = yaml.safe_load(next(root.glob("csv/version_*/hparams.yaml")).read_text())  # plain data, no Python tags
+    assert hparams["data"]["edits_per_step"] == 1 and hparams["config"] == [str(REPO / "configs" / f"{method}.yaml")]
     assert {"val/efficacy", "edits/total", "time/targets"} <= set(rows[0])
     assert (root / "wandb").is_dir()
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["last.ckpt"]  # one file, not one per step
@@ -87,6 +91,37 @@ def test_bad_request_fails_before_anything_is_written(
         cli_main(_args(tiny_run))
     assert not tiny_run["root"].exists()
     assert not tiny_run["cache"].exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        (
+            ["--model.method.init_args.target_steps", "0"],
+            'Parser key "target_steps":\n      Not of type PositiveInt: 0 does not conform to restriction v>0',
+        ),
+        (["--data.edits_per_step", "0"], 'Parser key "data.edits_per_step":\n  Not of type PositiveInt: 0 does not'),
+        (["--model.token_averaging", "mean"], "Expected a typing.Literal['case', 'pooled']. Got value: mean"),
+    ],
+)
+def test_bad_argument_fails_while_parsing_and_names_it(
+    tiny_run: dict[str, Path], capsys: pytest.CaptureFixture, override: list[str], reason: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_args(tiny_run, "lyaplock", None, *override))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and reason in err
+    assert "usage:" not in err and "--help lists the accepted arguments" in err  # the error, not the whole usage
+    assert not tiny_run["root"].exists()
+
+
+def test_help_shows_the_restricted_types(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / "configs" / "lyaplock.yaml"), "--model.method.help", "LyapLock"])
+    help_text = " ".join(capsys.readouterr().out.split())  # the same words, whatever the terminal width
+    assert "(type: PositiveFloat, default: 60.0)" in help_text  # budget
+    assert "(type: ClosedUnitInterval, default: 0.95)" in help_text  # stop_prob
 
 
 def test_missing_model_path_is_named(tiny_run: dict[str, Path]) -> None:

@@ -127,6 +127,13 @@ def test_checkpoint_interval_is_configurable(build) -> None:
     assert not next(cb for cb in cli.trainer.callbacks if isinstance(cb, RunCheckpoint)).save_last
 
 
+def test_the_module_receives_the_stream_of_the_data_module(build) -> None:
+    cli = build("validate", "--config", str(REPO / "configs" / "memit.yaml"), "--data.limit", "5")
+    assert cli.model.stream is cli.datamodule.stream() and len(cli.model.stream.requests) == 5
+    assert "stream" not in cli.model.hparams  # a live object, not a hyperparameter
+    assert "stream" not in cli.config.validate.model
+
+
 def test_smollm2_edits_its_preset_blocks_by_default() -> None:
     """The shipped configs leave ``layers`` to the model: blocks 3-7 of SmolLM2-135M's 30 (its shape, on meta)."""
     config = LlamaConfig(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ def test_builtin_stream_batches_in_file_order() -> None:
     assert [len(b) for b in batches] == [3, 3, 1]
     assert [i for b in batches for i, _ in b] == list(range(7))
     assert data.metric_family == "counterfact"
+
+
+def test_stream_is_one_immutable_description_read_once() -> None:
+    data = EditDataModule(limit=4, edits_per_step=2)
+    stream = data.stream()  # before setup: reads the requests
+    data.setup("fit")
+    assert data.stream() is stream
+    assert [r.case_id for r in stream.requests] == [r.case_id for r in data.requests]
+    assert (stream.metric_family, stream.source, stream.edits_per_step) == ("counterfact", "built-in", 2)
+    assert stream.stream_id == data.stream_id == data.state_dict()["stream_id"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stream.metric_family = "token"
 
 
 def test_shuffle_is_seeded() -> None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from editing.data import EditStream
 from editing.metrics import (
     MeanScore,
     fluency_scores,
@@ -97,9 +98,9 @@ def test_fluency_scores_mean_per_record(tiny_llama, char_tokenizer, tiny_request
 # -- val/fluency in the module -----------------------------------------------------------------------------------------
 def _validate(model, tokenizer, requests, **kwargs) -> dict[str, object]:
     """One ``validation_step`` of an unedited ``EditingModule`` on ``requests``; the logged metric objects by name."""
-    module = EditingModule(method=SimpleNamespace(), **kwargs)
+    stream = EditStream(tuple(requests), "counterfact", "test", "test", 1)
+    module = EditingModule(method=SimpleNamespace(), stream=stream, **kwargs)
     module.model, module.tokenizer = model, tokenizer
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(metric_family="counterfact", requests=requests))
     module.locality_reference = locality_predictions(model, tokenizer, requests)
     logged: dict[str, object] = {}
     module.log = lambda name, value, **_: logged.update({name: value})

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
+from editing.arguments import check_arguments
 from editing.methods.base import LocateThenEdit, solve_right
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,9 @@ class AlphaEdit(LocateThenEdit):
         **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
     """
 
-    def __init__(self, *args, nullspace_threshold: float = 2e-2, l2: float = 10.0, **kwargs) -> None:
+    @check_arguments
+    def __init__(self, *args, nullspace_threshold: PositiveFloat = 2e-2, l2: NonNegativeFloat = 10.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if nullspace_threshold <= 0:
-            raise ValueError(f"nullspace_threshold: must be positive, got {nullspace_threshold}")
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
 

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editing.arguments import check_arguments
 from editing.corpus import load_corpus
 from editing.locate import (
     KeyAveraging,
@@ -38,15 +40,41 @@ log = logging.getLogger(__name__)
 
 
 class EditMethod(nn.Module, ABC):
-    """A sequential editing method. Subclasses edit ``model`` in place, one batch of requests per step."""
+    """A sequential editing method. Subclasses edit ``model`` in place, one batch of requests per step.
+
+    :meth:`setup` binds the method to the language model and its tokenizer, which it then reads as :attr:`model` and
+    :attr:`tokenizer`; subclasses do their own binding (edited weights, statistics, hooks) in :meth:`configure`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.timings: dict[str, float] = {}
+        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a submodule
 
-    @abstractmethod
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
         """Bind to the model (called once from ``configure_model``, before any checkpoint is restored)."""
+        self._bound = (model, tokenizer)
+        self.configure(model_id, cache_dir)
+
+    @abstractmethod
+    def configure(self, model_id: str, cache_dir: Path) -> None:
+        """The method's own binding to :attr:`model`: what it edits, and the state it allocates with its final shapes
+        (``model_id`` and ``cache_dir`` key on-disk caches)."""
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The bound language model (edited in place; not a submodule of the method, so not in its state)."""
+        return self._binding()[0]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The bound model's tokenizer."""
+        return self._binding()[1]
+
+    def _binding(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        if self._bound is None:
+            raise RuntimeError(f"{type(self).__name__}: not bound to a model yet (call setup first)")
+        return self._bound
 
     @abstractmethod
     def prepare(self, requests: Sequence[EditRequest]) -> object:
@@ -96,35 +124,30 @@ class LocateThenEdit(EditMethod):
         seed: seed of the context templates and of the model-sampled corpus.
     """
 
+    @check_arguments
     def __init__(
         self,
-        layers: list[int] | None = None,
-        mom2_weight: float = 15000.0,
-        target_lr: float = 0.5,
-        target_steps: int = 25,
-        kl_factor: float = 0.0625,
-        weight_decay: float = 0.5,
-        clamp_norm_factor: float = 0.75,
+        layers: list[NonNegativeInt] | None = None,
+        mom2_weight: PositiveFloat = 15000.0,
+        target_lr: PositiveFloat = 0.5,
+        target_steps: PositiveInt = 25,
+        kl_factor: NonNegativeFloat = 0.0625,
+        weight_decay: NonNegativeFloat = 0.5,
+        clamp_norm_factor: PositiveFloat = 0.75,
         stop_rule: StopRule = "loss",
-        stop_loss: float = 5e-2,
-        stop_prob: float = 0.95,
+        stop_loss: NonNegativeFloat = 5e-2,
+        stop_prob: ClosedUnitInterval = 0.95,
         kl_variant: KLVariant = "release",
         key_averaging: KeyAveraging = "release",
         context_seeds: list[str] | None = None,
-        context_length: int = 10,
+        context_length: PositiveInt = 10,
         stats_corpus: str = "model",
-        stats_tokens: int = 20_000,
+        stats_tokens: PositiveInt = 20_000,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if layers is not None and (not layers or sorted(set(layers)) != list(layers)):
             raise ValueError(f"layers: expected a non-empty ascending list of distinct block indices, got {layers}")
-        if mom2_weight <= 0:
-            raise ValueError(f"mom2_weight: must be positive, got {mom2_weight}")
-        if target_steps < 1:
-            raise ValueError(f"target_steps: must be >= 1, got {target_steps}")
-        if stats_tokens < 1:
-            raise ValueError(f"stats_tokens: must be >= 1, got {stats_tokens}")
         self.layers = layers
         self.mom2_weight = mom2_weight
         self.target_kwargs = dict(
@@ -145,15 +168,12 @@ class LocateThenEdit(EditMethod):
         self.stats_tokens = stats_tokens
         self.seed = seed
         self.templates: list[str] = []
-        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = (
-            None  # a tuple: not a registered submodule
-        )
         self._weights: dict[str, EditedWeight] = {}
         self._last_targets: TargetResult | None = None
 
     # -- binding -----------------------------------------------------------------------------------------------
-    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
-        self._bound = (model, tokenizer)
+    def configure(self, model_id: str, cache_dir: Path) -> None:
+        model, tokenizer = self.model, self.tokenizer
         self.layers = self.layers if self.layers is not None else default_mlp_layers(model)
         self._weights = {w.name: w for w in (EditedWeight(model, layer) for layer in self.layers)}
         for i, w in enumerate(self._weights.values()):
@@ -175,14 +195,6 @@ class LocateThenEdit(EditMethod):
     def edited_weights(self) -> dict[str, EditedWeight]:
         return self._weights
 
-    @property
-    def _model(self) -> PreTrainedModel:
-        return self._bound[0]
-
-    @property
-    def _tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._bound[1]
-
     def c0(self, i: int) -> torch.Tensor:
         return getattr(self, f"c0_{i}")
 
@@ -194,7 +206,7 @@ class LocateThenEdit(EditMethod):
         start = time.perf_counter()
         with torch.enable_grad():
             result = compute_targets(
-                self._model, self._tokenizer, requests, self.layers[-1], self.templates, **self.target_kwargs
+                self.model, self.tokenizer, requests, self.layers[-1], self.templates, **self.target_kwargs
             )
         self.timings = {"targets": time.perf_counter() - start, "keys": 0.0, "solve": 0.0}
         self._last_targets = result
@@ -217,9 +229,9 @@ class LocateThenEdit(EditMethod):
         for i, (name, weight) in enumerate(self._weights.items()):
             start = time.perf_counter()
             keys = compute_keys(  # (d_k, n)
-                self._model, self._tokenizer, requests, name, self.templates, self.key_averaging
+                self.model, self.tokenizer, requests, name, self.templates, self.key_averaging
             ).double()
-            h = layer_output_at_subject(self._model, self._tokenizer, requests, self.layers[-1]).double()  # (d, n)
+            h = layer_output_at_subject(self.model, self.tokenizer, requests, self.layers[-1]).double()  # (d, n)
             resid = spread_residual(z, h, i, n)  # (d_v, n)
             mid = time.perf_counter()
             delta = self.solve(i, weight.get().double(), keys, resid)

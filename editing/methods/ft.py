@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
+from editing.arguments import check_arguments
 from editing.forward import target_log_probs
 from editing.methods.base import EditMethod
 from editing.models import EditedWeight, default_mlp_layers
@@ -46,39 +47,29 @@ class FineTune(EditMethod):
         stop_loss: stop a step early once the mean target NLL falls below this value (ROME's FT: 1e-2).
     """
 
+    @check_arguments
     def __init__(
         self,
-        layer: int | None = None,
-        lr: float = 5e-4,
-        steps: int = 25,
-        norm_constraint: float | None = 5e-4,
-        stop_loss: float = 1e-2,
+        layer: NonNegativeInt | None = None,
+        lr: PositiveFloat = 5e-4,
+        steps: PositiveInt = 25,
+        norm_constraint: PositiveFloat | None = 5e-4,
+        stop_loss: NonNegativeFloat = 1e-2,
         box: Literal["per_edit", "original"] = "per_edit",
     ) -> None:
         super().__init__()
-        if layer is not None and layer < 0:
-            raise ValueError(f"layer: must be a block index >= 0, got {layer}")
-        if lr <= 0:
-            raise ValueError(f"lr: must be positive, got {lr}")
-        if steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {steps}")
-        if norm_constraint is not None and norm_constraint <= 0:
-            raise ValueError(f"norm_constraint: must be positive or null, got {norm_constraint}")
-        if stop_loss < 0:
-            raise ValueError(f"stop_loss: must be >= 0, got {stop_loss}")
         self.layer = layer
         self.lr = lr
         self.steps = steps
         self.norm_constraint = norm_constraint
         self.stop_loss = stop_loss
         self.box = box
-        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a submodule
         self._weight: EditedWeight | None = None
         self._log: dict[str, float] = {}
 
     # -- binding -----------------------------------------------------------------------------------------------
-    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
-        self._bound = (model, tokenizer)
+    def configure(self, model_id: str, cache_dir: Path) -> None:
+        model = self.model
         if self.layer is None:
             candidates = default_mlp_layers(model)
             self.layer = candidates[len(candidates) // 2]
@@ -93,11 +84,9 @@ class FineTune(EditMethod):
     # -- one step ----------------------------------------------------------------------------------------------
     def prepare(self, requests: Sequence[EditRequest]) -> EncodedRows:
         """The request prompts followed by their ``target_new`` tokens (teacher forcing), on the model's device."""
-        model, tokenizer = self._bound
         self.timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
-        return encode_rows(
-            tokenizer, [r.text for r in requests], None, [r.target_new for r in requests], device=model.device
-        )
+        texts, targets = [r.text for r in requests], [r.target_new for r in requests]
+        return encode_rows(self.tokenizer, texts, None, targets, device=self.model.device)
 
     def apply(self, requests: Sequence[EditRequest], plan: EncodedRows) -> None:
         start = time.perf_counter()
@@ -131,7 +120,7 @@ class FineTune(EditMethod):
 
     def target_nll(self, rows: EncodedRows) -> torch.Tensor:
         """``(B,)`` mean per-token NLL of each row's target, the LM head applied at target positions only."""
-        log_p, r, ids = target_log_probs(self._bound[0], rows)  # (N_tokens, V)
+        log_p, r, ids = target_log_probs(self.model, rows)  # (N_tokens, V)
         return mean_per_row(-log_p.gather(1, ids[:, None])[:, 0], r, len(rows))
 
     def step_log(self) -> dict[str, float]:

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from editing.arguments import PositiveFraction, check_arguments
 from editing.corpus import SAMPLE_SEEDS, file_texts
 from editing.forward import blocks_from, capture, log_softmax_at
 from editing.locate import generate_context_templates
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
 Texts = list[tuple[str, str]]
+PrefixCount = restricted_number_type("PrefixCount", int, [(">=", 0), ("<=", len(PREFIX_SEEDS))])
 DEFAULT_SLACK = 0.88  # the authors' threshold factor for every model they set, except Llama-3-8B
 
 
@@ -178,8 +181,8 @@ class WISE(EditMethod):
             ``release`` (the authors' release: every save and merge resets the working memory to ``W``, merges weigh
             the new shards 0.4 and the previous merged memory 0.6, and the router picks between the merged and the
             working memory) or ``continue`` (this project's variant: new shards start from the merged memory).
-        prefixes, prefix_length: model-generated prefixes the edit is written behind (10 of 10 tokens), plus the
-            bare prompt.
+        prefixes, prefix_length: model-generated prefixes the edit is written behind (10 of 10 tokens; at most 10, one
+            per seed word of :data:`PREFIX_SEEDS`), plus the bare prompt.
         irrelevant_pool: where the irrelevant sentence of each edit comes from: ``model`` (sentences sampled from the
             unedited model, offline), ``locality`` (the request's own locality probes; note that they are also the
             evaluation's locality probes), or a ``.txt``/``.json``/``.jsonl`` file (e.g. ZsRE training records, whose
@@ -191,53 +194,34 @@ class WISE(EditMethod):
         seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
     """
 
+    @check_arguments
     def __init__(
         self,
         module: int | str | None = None,
-        lr: float = 1.0,
-        steps: int = 70,
-        stop_loss: float = 0.02,
-        stop_flatness: float = 1e-4,
+        lr: PositiveFloat = 1.0,
+        steps: PositiveInt = 70,
+        stop_loss: NonNegativeFloat = 0.02,
+        stop_flatness: NonNegativeFloat = 1e-4,
         stop_on_argmax: bool = False,
-        norm_constraint: float = 1.0,
-        weight_decay: float = 1e-5,
-        mask_density: float = 0.2,
+        norm_constraint: PositiveFloat = 1.0,
+        weight_decay: NonNegativeFloat = 1e-5,
+        mask_density: PositiveFraction = 0.2,
         irrelevant_margin: float = 5.0,
         edit_margin: float = 20.0,
         gap_margin: float = 10.0,
         margin_average: Literal["positive", "all"] = "positive",
-        slack: float | None = None,
-        ties_density: float = 0.53,
+        slack: PositiveFraction | None = None,
+        ties_density: PositiveFraction = 0.53,
         merge_style: MergeStyle = "release",
-        prefixes: int = 10,
-        prefix_length: int = 10,
+        prefixes: PrefixCount = 10,
+        prefix_length: PositiveInt = 10,
         irrelevant_pool: str = "model",
-        pool_size: int = 100,
-        replay: int = 0,
-        long_input_max: int | None = 100,
+        pool_size: PositiveInt = 100,
+        replay: NonNegativeInt = 0,
+        long_input_max: NonNegativeInt | None = 100,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        checks = {
-            "lr": lr > 0,
-            "steps": steps >= 1,
-            "stop_loss": stop_loss >= 0,
-            "stop_flatness": stop_flatness >= 0,
-            "norm_constraint": norm_constraint > 0,
-            "weight_decay": weight_decay >= 0,
-            "mask_density": 0 < mask_density <= 1,
-            "margin_average": margin_average in ("positive", "all"),
-            "slack": slack is None or 0 < slack <= 1,
-            "ties_density": 0 < ties_density <= 1,
-            "merge_style": merge_style in ("release", "continue"),
-            "prefixes": 0 <= prefixes <= len(PREFIX_SEEDS),
-            "prefix_length": prefix_length >= 1,
-            "pool_size": pool_size >= 1,
-            "replay": replay >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name}: invalid value {locals()[name]!r} (see the WISE docstring for the range)")
         self.pool: list[str] = []  # irrelevant sentences: read from the file here, sampled in setup for "model"
         if irrelevant_pool not in ("model", "locality"):
             path = Path(irrelevant_pool).expanduser()
@@ -256,7 +240,6 @@ class WISE(EditMethod):
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
         self.long_input_max, self.seed = long_input_max, seed
-        self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
@@ -273,8 +256,8 @@ class WISE(EditMethod):
         return method
 
     # -- binding -----------------------------------------------------------------------------------------------
-    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
-        self._bound = (model, tokenizer)
+    def configure(self, model_id: str, cache_dir: Path) -> None:
+        model, tokenizer = self.model, self.tokenizer
         preset = wise_preset(model.config)
         self.module_name, self.block = self._resolve_module(model, preset)
         if self.slack is not None:
@@ -339,7 +322,7 @@ class WISE(EditMethod):
     # -- one step ----------------------------------------------------------------------------------------------
     def prepare(self, requests: Sequence[EditRequest]) -> EditRows:
         """Rows of the step and their activations below the side memory, captured once without gradient."""
-        model, tokenizer = self._bound
+        model, tokenizer = self.model, self.tokenizer
         start = time.perf_counter()
         prompts = [t.replace("{}", r.text) for r in requests for t in self.templates]
         targets = [r.target_new for r in requests for _ in self.templates]
@@ -385,7 +368,7 @@ class WISE(EditMethod):
 
     def apply(self, requests: Sequence[EditRequest], plan: EditRows) -> None:
         start = time.perf_counter()
-        model = self._bound[0]
+        model = self.model
         rows, owner, a, a_irr = plan.rows, plan.owner, plan.a, plan.a_irr
         n = len(requests)
         full_mask = rows.attention_mask
@@ -473,7 +456,7 @@ class WISE(EditMethod):
 
     def _frozen_weight(self) -> torch.Tensor:
         """The side-memory projection's frozen ``W`` as float32 ``(d_out, d_in)``."""
-        module = self._bound[0].get_submodule(self.module_name)
+        module = self.model.get_submodule(self.module_name)
         w = module.weight.detach()
         return (w.T if isinstance(module, Conv1D) else w).float()
 
@@ -493,7 +476,7 @@ class WISE(EditMethod):
         """Routing scores ``(M, N)`` of ``(prompt, target)`` texts against every answering memory, and the thresholds
         ``(M,)``. Rows are encoded as evaluation encodes them (prompt + target without its last token; the prompt
         alone for an empty target), so the scores are those the router computes."""
-        model, tokenizer = self._bound
+        model, tokenizer = self.model, self.tokenizer
         memories = self.memory.answering()
         out = []
         for start in range(0, len(texts), batch_size):
@@ -517,7 +500,7 @@ class WISE(EditMethod):
 
     def export(self, path: str | Path) -> None:
         """Save the model, tokenizer and side memories (reload with :func:`editing.wise_export.load_edited`)."""
-        model, tokenizer = self._bound
+        model, tokenizer = self.model, self.tokenizer
         export_edited(path, model, tokenizer, self.router, self.module_name)
 
     def extra_repr(self) -> str:

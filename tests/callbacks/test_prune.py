@@ -18,7 +18,7 @@ from editing.methods import FineTune
 from editing.spectral import randomized_svd, restrain, restraint_function, singular_triplets_above
 from main import cli_main
 
-ALPHAS = ["e", 2.0, 1.5, 1.2, "linear"]
+LOG_BASES = ["e", 2.0, 1.5, 1.2, "linear"]
 
 
 def _kappa(M: torch.Tensor) -> float:
@@ -26,11 +26,11 @@ def _kappa(M: torch.Tensor) -> float:
     return float(s[0] / s[-1])
 
 
-def _reference(W: torch.Tensor, Wn: torch.Tensor, alpha) -> torch.Tensor:
+def _reference(W: torch.Tensor, Wn: torch.Tensor, log_base) -> torch.Tensor:
     """``W + U F(S) V^T`` from the full float64 SVD of ``Wn - W`` (independent of the truncated path)."""
     U, S, Vh = torch.linalg.svd(Wn.double() - W.double(), full_matrices=False)
     sigma = float(torch.linalg.svdvals(W.double())[0])
-    return W.double() + U @ torch.diag(restraint_function(S, sigma, alpha)) @ Vh
+    return W.double() + U @ torch.diag(restraint_function(S, sigma, log_base)) @ Vh
 
 
 def _inflated(m: int = 120, n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,41 +45,42 @@ def _inflated(m: int = 120, n: int = 200, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 # -- the restraint function -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("alpha", ALPHAS)
-def test_f_leaves_values_below_the_threshold_alone_and_is_continuous_at_it(alpha):
+@pytest.mark.parametrize("log_base", LOG_BASES)
+def test_f_leaves_values_below_the_threshold_alone_and_is_continuous_at_it(log_base):
     sigma = 3.0
     s = torch.linspace(0.01, 30.0, 3001, dtype=torch.float64)
-    f = restraint_function(s, sigma, alpha)
+    f = restraint_function(s, sigma, log_base)
     below = s < sigma
     assert torch.equal(f[below], s[below])
-    assert float(restraint_function(torch.tensor([sigma], dtype=torch.float64), sigma, alpha)[0]) == sigma
-    slope = 0.5 if alpha == "linear" else 1 / (sigma * math.log(math.e if alpha == "e" else alpha))  # F'(sigma+)
+    assert float(restraint_function(torch.tensor([sigma], dtype=torch.float64), sigma, log_base)[0]) == sigma
+    e_or_base = math.e if log_base == "e" else log_base
+    slope = 0.5 if log_base == "linear" else 1 / (sigma * math.log(e_or_base))  # F'(sigma+)
     for eps in (1e-4, 1e-7):
-        just_above = float(restraint_function(torch.tensor([sigma + eps], dtype=torch.float64), sigma, alpha)[0])
+        just_above = float(restraint_function(torch.tensor([sigma + eps], dtype=torch.float64), sigma, log_base)[0])
         assert just_above - sigma == pytest.approx(slope * eps, rel=1e-3)
     assert (f[~below] >= sigma).all() and (f.diff() >= 0).all()  # monotone, never below the threshold
     x = torch.tensor([6.0, 30.0], dtype=torch.float64)
     expected = (
         (x + sigma) / 2
-        if alpha == "linear"
-        else sigma + torch.log(x / sigma) / math.log(math.e if alpha == "e" else alpha)
+        if log_base == "linear"
+        else sigma + torch.log(x / sigma) / math.log(math.e if log_base == "e" else log_base)
     )
-    torch.testing.assert_close(restraint_function(x, sigma, alpha), expected)
+    torch.testing.assert_close(restraint_function(x, sigma, log_base), expected)
 
 
-@pytest.mark.parametrize("alpha", ["e", 2.0, 1.5, 1.2])
-def test_f_shrinks_only_when_sigma_max_times_ln_alpha_is_at_least_one(alpha):
+@pytest.mark.parametrize("log_base", ["e", 2.0, 1.5, 1.2])
+def test_f_shrinks_only_when_sigma_max_times_ln_base_is_at_least_one(log_base):
     s = torch.linspace(1.0, 50.0, 500, dtype=torch.float64)
-    log_base = math.log(math.e if alpha == "e" else alpha)
-    large = 1.0 / log_base  # F is a contraction above this threshold...
-    assert (restraint_function(s * large, large, alpha) <= s * large + 1e-12).all()
-    small = 0.5 / log_base  # ...and raises values just above a smaller one (the paper's F is not scale-free)
-    assert restraint_function(torch.tensor([1.1 * small], dtype=torch.float64), small, alpha)[0] > 1.1 * small
+    ln_base = math.log(math.e if log_base == "e" else log_base)
+    large = 1.0 / ln_base  # F is a contraction above this threshold...
+    assert (restraint_function(s * large, large, log_base) <= s * large + 1e-12).all()
+    small = 0.5 / ln_base  # ...and raises values just above a smaller one (the paper's F is not scale-free)
+    assert restraint_function(torch.tensor([1.1 * small], dtype=torch.float64), small, log_base)[0] > 1.1 * small
 
 
 # -- the restrained weights -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("alpha", ALPHAS)
-def test_restraint_lowers_kappa_and_sigma_max_of_a_rank_one_inflation(alpha):
+@pytest.mark.parametrize("log_base", LOG_BASES)
+def test_restraint_lowers_kappa_and_sigma_max_of_a_rank_one_inflation(log_base):
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(32, 64, dtype=torch.float64, generator=gen)
     u, v = (
@@ -88,21 +89,21 @@ def test_restraint_lowers_kappa_and_sigma_max_of_a_rank_one_inflation(alpha):
     )
     Wn = W + 50.0 * u @ v.T / (u.norm() * v.norm()) * torch.linalg.svdvals(W)[0]
     sigma = float(torch.linalg.svdvals(W)[0])
-    restrained, count = restrain(W, Wn, sigma, alpha)
+    restrained, count = restrain(W, Wn, sigma, log_base)
     assert count == 1
-    factor = 0.6 if alpha == "linear" else 0.2  # linear: 51 sigma -> about 26 sigma; log: 51 sigma -> a few sigma
+    factor = 0.6 if log_base == "linear" else 0.2  # linear: 51 sigma -> about 26 sigma; log: 51 sigma -> a few sigma
     assert _kappa(restrained) < factor * _kappa(Wn)
     assert torch.linalg.svdvals(restrained)[0] < factor * torch.linalg.svdvals(Wn)[0]
 
 
-@pytest.mark.parametrize("alpha", ["e", 1.2, "linear"])
-def test_restrained_weight_is_w_plus_u_f_s_vt_and_truncated_matches_full(alpha):
+@pytest.mark.parametrize("log_base", ["e", 1.2, "linear"])
+def test_restrained_weight_is_w_plus_u_f_s_vt_and_truncated_matches_full(log_base):
     W, Wn = _inflated()
     sigma = float(torch.linalg.svdvals(W)[0])
-    reference = _reference(W, Wn, alpha)
-    full, n_full = restrain(W, Wn, sigma, alpha, full_svd=True)
+    reference = _reference(W, Wn, log_base)
+    full, n_full = restrain(W, Wn, sigma, log_base, full_svd=True)
     generator = torch.Generator().manual_seed(0)
-    truncated, n_truncated = restrain(W, Wn, sigma, alpha, rank=1, generator=generator)  # rank grows 1 -> 2 -> 4
+    truncated, n_truncated = restrain(W, Wn, sigma, log_base, rank=1, generator=generator)  # rank grows 1 -> 2 -> 4
     assert n_full == n_truncated == 3
     torch.testing.assert_close(full, reference, rtol=0, atol=1e-10)
     torch.testing.assert_close(truncated, reference, rtol=0, atol=1e-10)
@@ -183,7 +184,7 @@ def test_posthoc_swaps_restrained_weights_in_for_validation_and_out_after(tiny_m
 
 def test_inloop_restrains_in_place_every_n_steps(tiny_llama, char_tokenizer, tmp_path):
     module = _bound_module(tiny_llama, char_tokenizer, tmp_path)
-    prune = PruneRestraint(mode="inloop", every_n_steps=2, alpha=2)
+    prune = PruneRestraint(mode="inloop", every_n_steps=2, log_base=2)
     prune.on_fit_start(SimpleNamespace(global_step=0), module)
     original = next(iter(prune.originals.values())).clone()
     _, W = _inflate(module)
@@ -222,9 +223,9 @@ def test_should_restrain_is_the_overridable_policy(tiny_llama, char_tokenizer, t
     ("kwargs", "name"),
     [
         ({"mode": "sometimes"}, "mode"),
-        ({"alpha": "pi"}, "alpha"),
-        ({"alpha": 1.0}, "alpha"),
-        ({"alpha": 0.5}, "alpha"),
+        ({"log_base": "pi"}, "log_base"),
+        ({"log_base": 1.0}, "log_base"),
+        ({"log_base": 0.5}, "log_base"),
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"rank": 0}, "rank"),
         ({"niter": -1}, "niter"),
@@ -236,9 +237,9 @@ def test_arguments_are_validated(kwargs, name):
 
 
 def test_state_key():
-    assert PruneRestraint().state_key == "PruneRestraint{'mode': 'posthoc', 'alpha': 'e', 'every_n_steps': 1}"
-    assert PruneRestraint(mode="inloop", alpha=2, every_n_steps=5).state_key == (
-        "PruneRestraint{'mode': 'inloop', 'alpha': 2.0, 'every_n_steps': 5}"
+    assert PruneRestraint().state_key == "PruneRestraint{'mode': 'posthoc', 'log_base': 'e', 'every_n_steps': 1}"
+    assert PruneRestraint(mode="inloop", log_base=2, every_n_steps=5).state_key == (
+        "PruneRestraint{'mode': 'inloop', 'log_base': 2.0, 'every_n_steps': 5}"
     )
     assert ConditionNumberMonitor(every_n_steps=3).state_key == "ConditionNumberMonitor{'every_n_steps': 3}"
 

@@ -73,15 +73,15 @@ def test_preservation_loss_is_the_trace_form():
     [(1.0, 2.0, 2.0), (3.0, 0.5, 2.5), (1.2, 0.0, 1.0), (5.0, 0.0, 4.0), (1.0, 1.0, 1.0), (2.0, 1.5, 2.5)],
 )
 def test_next_queue_recursion_with_floor(Q, ratio, expected):
-    alpha, d_base = 4.0, 0.3
-    D = ratio * alpha * d_base  # ratio = D / budget
-    got = next_queue(torch.tensor(Q, **F64), torch.tensor(D, **F64), alpha, torch.tensor(d_base, **F64))
+    budget, d_base = 4.0, 0.3
+    D = ratio * budget * d_base  # ratio = D / budget
+    got = next_queue(torch.tensor(Q, **F64), torch.tensor(D, **F64), budget, torch.tensor(d_base, **F64))
     assert float(got) == pytest.approx(max(Q + ratio - 1.0, 1.0), rel=1e-12)
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(
-    "kwargs, field", [(dict(alpha=0.0), "alpha"), (dict(V=-1.0), "V"), (dict(mom2_weight=0), "mom2")]
+    "kwargs, field", [(dict(budget=0.0), "budget"), (dict(V=-1.0), "V"), (dict(mom2_weight=0), "mom2")]
 )
 def test_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -117,8 +117,8 @@ def test_step_one_is_memit_anchored_at_w0():
 
 
 def test_step_one_sets_d_base_and_budget():
-    alpha = 5.0
-    method, w0s, c0s = _method(alpha=alpha, mom2_weight=3.0)
+    budget = 5.0
+    method, w0s, c0s = _method(budget=budget, mom2_weight=3.0)
     gen = torch.Generator().manual_seed(2)
     new_weights = []
     for i in range(2):
@@ -134,9 +134,9 @@ def test_step_one_sets_d_base_and_budget():
         d1 = _explicit_d(new_weights[i], w0s[i], c0s[i])
         assert d1 > 0
         assert float(method.state(i, "d_base")) == pytest.approx(d1, rel=1e-10)
-        # D(W1) / (alpha D_base) = 1 / alpha < 1: the queue stays at its floor
+        # D(W1) / (budget D_base) = 1 / budget < 1: the queue stays at its floor
         assert float(method.state(i, "queue")) == 1.0
-        assert float(method.state(i, "budget_ratio")) == pytest.approx(1.0 / alpha)
+        assert float(method.state(i, "budget_ratio")) == pytest.approx(1.0 / budget)
 
 
 # -- steps t >= 2 ----------------------------------------------------------------------------------------------------
@@ -145,8 +145,8 @@ def test_later_steps_solve_the_weighted_replay_problem(V):
     """Drive five steps on two layers; each step t >= 2 must be the minimiser of
     V||W'K1 - (WK1 + R)||^2 + V sum_p ||W'K_p - V_p||^2 + lambda Q_t tr[(W'-W0) C0 (W'-W0)^T]
     with the past keys / values kept here as explicit lists and Q_t recomputed independently."""
-    lam, alpha = 2.0, 1.0  # a tight budget: the queue must grow as edits accumulate
-    method, w0s, c0s = _method(alpha=alpha, V=V, mom2_weight=lam)
+    lam, budget = 2.0, 1.0  # a tight budget: the queue must grow as edits accumulate
+    method, w0s, c0s = _method(budget=budget, V=V, mom2_weight=lam)
     gen = torch.Generator().manual_seed(4)
     W = [w.clone() for w in w0s]
     past: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
@@ -171,7 +171,7 @@ def test_later_steps_solve_the_weighted_replay_problem(V):
             D = _explicit_d(Wn, w0s[i], c0s[i])
             if step == 0:
                 d_base[i] = D
-            queue[i] = max(queue[i] + D / (alpha * d_base[i]) - 1.0, 1.0)
+            queue[i] = max(queue[i] + D / (budget * d_base[i]) - 1.0, 1.0)
             grown |= queue[i] > 1.0
             assert float(method.state(i, "d_base")) == pytest.approx(d_base[i], rel=1e-10)
             assert float(method.state(i, "queue")) == pytest.approx(queue[i], rel=1e-10)
@@ -184,8 +184,8 @@ def test_later_steps_solve_the_weighted_replay_problem(V):
 
 
 def test_queue_grows_over_budget_and_decays_back_to_one():
-    alpha = 2.0
-    method, [W0], [C0] = _method(n_layers=1, alpha=alpha)
+    budget = 2.0
+    method, [W0], [C0] = _method(n_layers=1, budget=budget)
     gen = torch.Generator().manual_seed(6)
     direction = torch.randn(D_V, D_K, generator=gen, **F64)
     K = torch.randn(D_K, N, generator=gen, **F64)
@@ -194,14 +194,14 @@ def test_queue_grows_over_budget_and_decays_back_to_one():
     def weight_with_loss(d: float) -> torch.Tensor:
         return W0 + (d / unit) ** 0.5 * direction  # D is quadratic in the distance from W0
 
-    method.after_layer_update(0, weight_with_loss(1.0), K)  # step 1: D_base = 1, budget alpha * D_base = 2
+    method.after_layer_update(0, weight_with_loss(1.0), K)  # step 1: D_base = 1, budget * D_base = 2
     method.after_step()
     assert float(method.d_base_0) == pytest.approx(1.0, rel=1e-10)
     expected = [1.0]
     for d in [8.0, 6.0, 0.0, 1.0, 0.0, 0.0, 0.0]:  # ratios 4, 3, 0, 0.5, 0, 0, 0
         method.after_layer_update(0, weight_with_loss(d), K)
         method.after_step()
-        expected.append(max(expected[-1] + d / (alpha * 1.0) - 1.0, 1.0))
+        expected.append(max(expected[-1] + d / (budget * 1.0) - 1.0, 1.0))
         assert float(method.queue_0) == pytest.approx(expected[-1], rel=1e-9)
     assert expected == pytest.approx([1.0, 4.0, 6.0, 5.0, 4.5, 3.5, 2.5, 1.5])
     for _ in range(2):
@@ -231,7 +231,7 @@ def test_large_queue_pulls_the_update_towards_w0():
 def test_lyaplock_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):
     lam = 100.0
     reference = copy.deepcopy(tiny_model)
-    method = bind(LyapLock(mom2_weight=lam, alpha=1.0, **method_kwargs), tiny_model)
+    method = bind(LyapLock(mom2_weight=lam, budget=1.0, **method_kwargs), tiny_model)
 
     step1 = edit_and_check(method, tiny_model, tiny_requests[:2])
     assert step1["nll_after"].mean() < step1["nll_before"].mean() - 0.1, (step1["nll_before"], step1["nll_after"])
@@ -261,4 +261,4 @@ def test_lyaplock_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, ti
         # Q_2 = 1, so Q_3 = max(ratio, 1)
         assert log[f"lyaplock/layer_{layer:02d}/queue"] == pytest.approx(max(ratio, 1.0), rel=1e-9)
         queues.append(log[f"lyaplock/layer_{layer:02d}/queue"])
-    assert max(queues) > 1.0  # with alpha = 1 the budget is D_base: a second batch of edits exceeds it
+    assert max(queues) > 1.0  # with budget = 1 the budget is D_base: a second batch of edits exceeds it
