@@ -1,8 +1,9 @@
 """Cross-cutting behaviour of editing runs: reporting, the resume checkpoint, condition-number monitoring, PRUNE
-restraint, WISE memory management and routing diagnostics."""
+restraint, general ability and held-out perplexity along the stream, WISE memory management and routing diagnostics."""
 
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.condition_number import ConditionNumberMonitor
+from callbacks.general_ability import GeneralAbility
 from callbacks.original_weights import OriginalWeights
 from callbacks.perplexity import HeldOutPerplexity
 from callbacks.prune import PruneRestraint
@@ -12,6 +13,7 @@ from callbacks.wise_memory import WiseMemory
 
 __all__ = [
     "ConditionNumberMonitor",
+    "GeneralAbility",
     "HeldOutPerplexity",
     "OriginalWeights",
     "PruneRestraint",

@@ -58,13 +58,12 @@ class HeldOutPerplexity(Callback):
     The text is cut once into fixed chunks of at most ``seq_len`` tokens (``tokens`` in all; a text is cut, never
     joined with another, and pieces shorter than 8 tokens are dropped, as for C0), so every evaluation scores the same
     tokens. Perplexity is ``exp`` of the summed next-token NLL over the summed number of predicted tokens (all tokens
-    of a chunk but its first). :attr:`history` holds ``{"edits", "perplexity"}`` per evaluation (sanity checks skipped),
-    and is checkpointed; :class:`~callbacks.report.RunReport` puts the value into ``summary.json`` with the other
-    ``val/`` metrics.
+    of a chunk but its first). It is measured once before the first edit (at fit start, logged at ``edits/total`` 0)
+    and at every evaluation; :attr:`history` holds ``{"edits", "perplexity"}`` of each (sanity checks skipped), is
+    checkpointed, and :class:`~callbacks.report.RunReport` writes it into ``summary.json`` (``curves``).
 
-    With :class:`~callbacks.prune.PruneRestraint` in ``posthoc`` mode, list this callback **before** PRUNE in
-    ``trainer.callbacks``: hooks run in list order, and PRUNE puts the unrestrained weights back in its own
-    ``on_validation_epoch_end``, so only an earlier callback measures the restrained weights that are evaluated.
+    With :class:`~callbacks.prune.PruneRestraint` in ``posthoc`` mode it measures the restrained weights wherever it
+    stands in ``trainer.callbacks``: PRUNE swaps them in at ``on_validation_start`` and out at ``on_validation_end``.
 
     Args:
         path: a ``.txt`` (one text per non-empty line, WikiText ``= headings =`` skipped) or ``.jsonl`` (``"text"``
@@ -141,6 +140,13 @@ class HeldOutPerplexity(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_chunks(pl_module)
+        if int(pl_module.edits_done) > 0 or any(h["edits"] == 0 for h in self.history):
+            return  # resumed: the unedited baseline is measured once
+        # The point before the first edit. `self.log` is not allowed in on_fit_start: straight to the loggers.
+        value = self.compute(pl_module)
+        self.history.append({"edits": 0, "perplexity": value})
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/perplexity": value, "edits/total": 0.0}, step=trainer.global_step)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from callbacks.general_ability import GeneralAbility
+from callbacks.perplexity import HeldOutPerplexity
+
 log = logging.getLogger(__name__)
+_EVALUATORS = (GeneralAbility, HeldOutPerplexity)
 
 
 class RunReport(Callback):
@@ -61,7 +64,7 @@ class RunReport(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:
+        if not trainer.sanity_checking:  # after every evaluation, so a long run cut short still leaves its curves
             self.write(trainer, pl_module)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -90,6 +93,9 @@ class RunReport(Callback):
             # the last values of ConditionNumberMonitor and RoutingMonitor, when attached
             **{section: _section(trainer, section) for section in ("spectral", "routing")},
             "history": self.evaluations,
+            # the histories of evaluating callbacks (held-out perplexity, general ability), including the point
+            # measured before the first edit, which never reaches the logged metrics
+            "curves": {type(cb).__name__: cb.history for cb in trainer.callbacks if isinstance(cb, _EVALUATORS)},
             "steps": self.step_times,
             "timing": {
                 "seconds_per_step": sum(split.values()) if split else None,

@@ -34,6 +34,9 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+_TRAINER = SimpleNamespace(loggers=[], global_step=0)  # what on_fit_start reads of a Trainer
+
+
 def _module(model, tokenizer, tmp_path, method=None):
     logged: dict[str, float] = {}
     return SimpleNamespace(
@@ -67,7 +70,7 @@ def _loop_perplexity(model, tokenizer, texts: list[str], seq_len: int) -> float:
 def test_perplexity_equals_a_plain_loop(tiny_llama, char_tokenizer, text_file, tmp_path):
     callback = HeldOutPerplexity(path=str(text_file), tokens=10_000, seq_len=24, batch_size=3)
     module = _module(tiny_llama, char_tokenizer, tmp_path)
-    callback.on_fit_start(SimpleNamespace(), module)
+    callback.on_fit_start(_TRAINER, module)
     lengths = [len(c) for c in callback.chunks]
     assert len(set(lengths)) > 1 and min(lengths) >= 8  # padded batches are exercised
     kept = [line for line in LINES if not line.startswith("=")]
@@ -80,18 +83,19 @@ def test_perplexity_equals_a_plain_loop(tiny_llama, char_tokenizer, text_file, t
 
 def test_tokens_caps_the_evaluated_text(tiny_llama, char_tokenizer, text_file, tmp_path):
     callback = HeldOutPerplexity(path=str(text_file), tokens=50, seq_len=16)
-    callback.on_fit_start(SimpleNamespace(), _module(tiny_llama, char_tokenizer, tmp_path))
+    callback.on_fit_start(_TRAINER, _module(tiny_llama, char_tokenizer, tmp_path))
     assert sum(len(c) for c in callback.chunks) == 50
 
 
 def test_editing_changes_it_and_history_is_kept(tiny_llama, char_tokenizer, text_file, tmp_path):
     callback = HeldOutPerplexity(path=str(text_file), tokens=200, seq_len=32)
     module = _module(tiny_llama, char_tokenizer, tmp_path)
-    trainer = SimpleNamespace(sanity_checking=True)
-    callback.on_fit_start(trainer, module)
+    trainer = SimpleNamespace(sanity_checking=True, loggers=[], global_step=0)
+    callback.on_fit_start(trainer, module)  # the unedited baseline, straight to the (here: no) loggers
     chunks = callback.chunks
+    assert [h["edits"] for h in callback.history] == [0]
     callback.on_validation_epoch_end(trainer, module)  # sanity check: skipped
-    assert callback.history == [] and module.logged == {}
+    assert len(callback.history) == 1 and module.logged == {}
 
     trainer.sanity_checking = False
     callback.on_validation_epoch_end(trainer, module)
@@ -105,14 +109,16 @@ def test_editing_changes_it_and_history_is_kept(tiny_llama, char_tokenizer, text
     after = module.logged["val/perplexity"]
     assert callback.chunks is chunks  # the same chunks every time
     assert after != pytest.approx(before, rel=1e-3)
-    assert callback.history == [{"edits": 0, "perplexity": before}, {"edits": 3, "perplexity": after}]
+    baseline = callback.history[0]
+    assert baseline["perplexity"] == pytest.approx(before)  # measured at fit start, on the same unedited weights
+    assert callback.history == [baseline, {"edits": 0, "perplexity": before}, {"edits": 3, "perplexity": after}]
 
 
 def test_model_sample_is_drawn_once_from_the_unedited_model(tiny_llama, char_tokenizer, tmp_path):
     callback = HeldOutPerplexity(tokens=64, seq_len=32)
     method = SimpleNamespace(stats_corpus="model", seed=0)
     module = _module(tiny_llama, char_tokenizer, tmp_path, method)
-    callback.on_fit_start(SimpleNamespace(), module)
+    callback.on_fit_start(_TRAINER, module)
     chunks = callback.chunks
     assert sum(len(c) for c in chunks) == 64
     assert list((tmp_path / "cache" / "corpus").glob("model-sample-*-64-1.json"))  # seed 1, not C0's 0
@@ -122,11 +128,11 @@ def test_model_sample_is_drawn_once_from_the_unedited_model(tiny_llama, char_tok
 
     resumed = HeldOutPerplexity(tokens=64, seq_len=32)  # an edited model and no sample in the checkpoint
     with pytest.raises(ValueError, match="^path: the model already holds edits"):
-        resumed.on_fit_start(SimpleNamespace(), module)
+        resumed.on_fit_start(_TRAINER, module)
     same_seed = HeldOutPerplexity(tokens=64, seq_len=32, seed=0)
     module.edits_done -= 1
     with pytest.warns(UserWarning, match="C0 corpus"):
-        same_seed.on_fit_start(SimpleNamespace(), module)
+        same_seed.on_fit_start(_TRAINER, module)
 
 
 def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(
@@ -144,6 +150,7 @@ def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(
         global_step=1,
         callbacks=[first, prune, last],
         state=SimpleNamespace(fn=TrainerFn.FITTING),
+        loggers=[],
     )
     for cb in trainer.callbacks:
         cb.on_fit_start(trainer, module)
@@ -171,14 +178,14 @@ def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(
 def test_checkpoint_round_trip(tiny_llama, char_tokenizer, text_file, tmp_path):
     callback = HeldOutPerplexity(path=str(text_file), tokens=100, seq_len=32)
     module = _module(tiny_llama, char_tokenizer, tmp_path)
-    callback.on_fit_start(SimpleNamespace(), module)
+    callback.on_fit_start(_TRAINER, module)
     callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False), module)
     torch.save({"callbacks": {callback.state_key: callback.state_dict()}}, tmp_path / "c.ckpt")
 
     entry = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"][callback.state_key]
     restored = HeldOutPerplexity(path=str(text_file), tokens=100, seq_len=32)
     restored.load_state_dict(entry)
-    assert restored.history == callback.history and len(restored.history) == 1
+    assert restored.history == callback.history and len(restored.history) == 2  # the baseline and one evaluation
     assert restored.chunks == callback.chunks
     restored.load_state_dict({})  # an older checkpoint without the entry
     assert restored.history == [] and restored.chunks == callback.chunks
@@ -213,11 +220,11 @@ def test_bad_jsonl_and_empty_text_name_the_path(tiny_llama, char_tokenizer, tmp_
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine line of held-out text"}\n{"no_text": 1}\n')
     with pytest.raises(ValueError, match="^path: bad.jsonl: line 2"):
-        HeldOutPerplexity(path=str(bad)).on_fit_start(SimpleNamespace(), module)
+        HeldOutPerplexity(path=str(bad)).on_fit_start(_TRAINER, module)
     short = tmp_path / "short.txt"
     short.write_text("tiny\n= heading =\n")
     with pytest.raises(ValueError, match="^path: no held-out text"):
-        HeldOutPerplexity(path=str(short)).on_fit_start(SimpleNamespace(), module)
+        HeldOutPerplexity(path=str(short)).on_fit_start(_TRAINER, module)
 
 
 def test_cli_run_logs_perplexity_to_metrics_csv_and_summary(tiny_run, text_file):
@@ -244,8 +251,11 @@ def test_cli_run_logs_perplexity_to_metrics_csv_and_summary(tiny_run, text_file)
     )  # fmt: skip
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
     values = [(float(r["edits/total"]), float(r["val/perplexity"])) for r in rows if r.get("val/perplexity")]
-    assert [edits for edits, _ in values] == [1.0, 2.0, 3.0]
+    assert [edits for edits, _ in values] == [0.0, 1.0, 2.0, 3.0]  # before the first edit, then every evaluation
     assert all(math.isfinite(p) and p > 1 for _, p in values)
     assert values[0][1] != pytest.approx(values[-1][1], rel=1e-4)  # the edits moved it
     summary = json.loads((root / "summary.json").read_text())
-    assert [h["metrics"]["perplexity"] for h in summary["history"]] == pytest.approx([p for _, p in values])
+    assert [h["metrics"]["perplexity"] for h in summary["history"]] == pytest.approx([p for _, p in values[1:]])
+    curve = summary["curves"]["HeldOutPerplexity"]  # with the unedited point, which the evaluations do not hold
+    assert [h["edits"] for h in curve] == [0, 1, 2, 3]
+    assert [h["perplexity"] for h in curve] == pytest.approx([p for _, p in values])
