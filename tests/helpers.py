@@ -30,6 +30,27 @@ def tiny_fit_args(run: dict[str, Path], config: str, root: Path, *extra: str) ->
     ]  # fmt: skip
 
 
+def tiny_ft_args(run: dict[str, Path], root: Path, *extra: str) -> list[str]:
+    """``fit`` with configs/ft.yaml on block 1 of the tiny model, one edit per step, evaluated after every step: the
+    cheapest run that exercises a callback over the stream; ``extra`` adds to it."""
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "ft.yaml"),
+        "--model.model_name", str(run["model"]),
+        "--model.cache_dir", str(run["cache"]),
+        "--model.method.init_args.layer", "1",
+        "--model.method.init_args.lr", "0.5",
+        "--model.method.init_args.steps", "3",
+        "--model.method.init_args.norm_constraint", "null",
+        "--data.path", str(run["data"]),
+        "--data.edits_per_step", "1",
+        "--trainer.val_check_interval", "1",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
 def callbacks_config(path: Path, *callbacks: tuple[str, dict]) -> Path:
     """A YAML config that sets ``trainer.callbacks`` (lists in configs are replaced as a whole), for a second
     ``--config``: ``(class_path, init_args)`` per callback."""

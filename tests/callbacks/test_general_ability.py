@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_ft_args
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.functional.classification import multiclass_f1_score
 
@@ -424,23 +425,12 @@ def test_arguments_are_validated(kwargs, name):
 
 # -- a CLI run ---------------------------------------------------------------------------------------------------------
 def _cli_args(tiny_run, tasks: dict[str, str]) -> list[str]:
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / "ft.yaml"),
-        "--model.model_name", str(tiny_run["model"]),
-        "--model.cache_dir", str(tiny_run["cache"]),
-        "--model.method.init_args.layer", "1",
-        "--model.method.init_args.lr", "0.5",
-        "--model.method.init_args.steps", "3",
-        "--model.method.init_args.norm_constraint", "null",
-        "--data.path", str(tiny_run["data"]),
-        "--data.edits_per_step", "1",
-        "--trainer.val_check_interval", "1",
-        "--trainer.default_root_dir", str(tiny_run["root"]),
-        "--trainer.enable_progress_bar", "false",
+    return tiny_ft_args(
+        tiny_run,
+        tiny_run["root"],
         "--trainer.callbacks+=callbacks.general_ability.GeneralAbility",
         f"--trainer.callbacks.tasks={json.dumps(tasks)}",
-    ]  # fmt: skip
+    )
 
 
 def test_cli_run_logs_general_scores_from_the_unedited_model_on(tiny_run, task_dir):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_ft_args
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import HeldOutPerplexity, PruneRestraint
@@ -230,25 +231,14 @@ def test_bad_jsonl_and_empty_text_name_the_path(tiny_llama, char_tokenizer, tmp_
 def test_cli_run_logs_perplexity_to_metrics_csv_and_summary(tiny_run, text_file):
     root = tiny_run["root"]
     cli_main(
-        [
-            "fit",
-            "--config", str(REPO / "configs" / "ft.yaml"),
-            "--model.model_name", str(tiny_run["model"]),
-            "--model.cache_dir", str(tiny_run["cache"]),
-            "--model.method.init_args.layer", "1",
-            "--model.method.init_args.lr", "0.5",
-            "--model.method.init_args.steps", "3",
-            "--model.method.init_args.norm_constraint", "null",
-            "--data.path", str(tiny_run["data"]),
-            "--data.edits_per_step", "1",
-            "--trainer.val_check_interval", "1",
-            "--trainer.default_root_dir", str(root),
-            "--trainer.enable_progress_bar", "false",
+        tiny_ft_args(
+            tiny_run,
+            root,
             "--trainer.callbacks+=callbacks.HeldOutPerplexity",
             f"--trainer.callbacks.path={text_file}",
             "--trainer.callbacks.tokens=200",
-        ]
-    )  # fmt: skip
+        )
+    )
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
     values = [(float(r["edits/total"]), float(r["val/perplexity"])) for r in rows if r.get("val/perplexity")]
     assert [edits for edits, _ in values] == [0.0, 1.0, 2.0, 3.0]  # before the first edit, then every evaluation
