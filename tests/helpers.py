@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,11 @@ def callbacks_config(path: Path, *callbacks: tuple[str, dict]) -> Path:
     entries = [{"class_path": name, "init_args": args} for name, args in callbacks]
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": entries}}))
     return path
+
+
+@torch.no_grad()
+def inflate_rank_one(W: torch.Tensor, factor: float = 30.0) -> None:
+    """Add a random rank-one edit of ``factor * sigma_max(W)`` to ``W`` in place: an accumulated edit that PRUNE
+    restrains for any ``log_base``."""
+    u, v = torch.randn(W.shape[0], 1), torch.randn(W.shape[1], 1)
+    W += factor * torch.linalg.svdvals(W)[0] * (u @ v.T) / (u.norm() * v.norm())

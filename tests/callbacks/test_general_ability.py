@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_ft_args
+from helpers import inflate_rank_one, tiny_ft_args
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.functional.classification import multiclass_f1_score
 
@@ -340,9 +340,7 @@ def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(tiny_
     prune.on_fit_start(trainer, module)
     (weight,) = method.edited_weights().values()
     W = weight.parameter
-    with torch.no_grad():
-        u, v = torch.randn(W.shape[0], 1), torch.randn(W.shape[1], 1)
-        W += 30.0 * torch.linalg.svdvals(W)[0] * (u @ v.T) / (u.norm() * v.norm())
+    inflate_rank_one(W)
     module.edits_done += 1
     unrestrained_log_p = _sst2_log_probs(first, module)
 

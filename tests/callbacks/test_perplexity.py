@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_ft_args
+from helpers import inflate_rank_one, tiny_ft_args
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import HeldOutPerplexity, PruneRestraint
@@ -18,7 +18,6 @@ from callbacks.perplexity import held_out_perplexity
 from editing.methods import FineTune
 from main import cli_main
 
-REPO = Path(__file__).resolve().parents[2]
 LINES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "= A heading line that the reader skips =",
@@ -157,9 +156,7 @@ def test_measures_the_restrained_weights_before_or_after_prune_in_the_list(
         cb.on_fit_start(trainer, module)
     (weight,) = method.edited_weights().values()
     W = weight.parameter
-    with torch.no_grad():
-        u, v = torch.randn(W.shape[0], 1), torch.randn(W.shape[1], 1)
-        W += 30.0 * torch.linalg.svdvals(W)[0] * (u @ v.T) / (u.norm() * v.norm())
+    inflate_rank_one(W)
     module.edits_done += 1
     unrestrained = first.compute(module)
 

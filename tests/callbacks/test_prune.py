@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_fit_args
+from helpers import inflate_rank_one, tiny_fit_args
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks import ConditionNumberMonitor, PruneRestraint
@@ -139,9 +139,7 @@ def _bound_module(model, char_tokenizer, tmp_path) -> SimpleNamespace:
 def _inflate(module: SimpleNamespace) -> tuple[str, torch.Tensor]:
     ((name, weight),) = module.method.edited_weights().items()
     W = weight.parameter
-    with torch.no_grad():
-        u, v = torch.randn(W.shape[0], 1), torch.randn(W.shape[1], 1)
-        W += 30.0 * torch.linalg.svdvals(W)[0] * (u @ v.T) / (u.norm() * v.norm())
+    inflate_rank_one(W)
     module.edits_done += 1
     return name, W
 
