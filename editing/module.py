@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,6 +37,7 @@ from editing.metrics import (
 )
 from editing.models import EMBEDDED_MODEL, load_model
 from editing.requests import EditRequest
+from editing.rows import check_lengths
 
 SCORES = ("efficacy", "generalization", "specificity", "locality")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +74,12 @@ class EditingModule(LightningModule):
         fluency_max_length: tokens per generated text, prompt included (ROME's ``max_out_len=100``).
         fluency_sampling: ``top5`` samples from the 5 most likely tokens as ROME's ``generate_fast`` (seeded, the
             global random state untouched); ``greedy`` takes the argmax.
+        eval_sample: at evaluations during the stream, score a fixed, seeded sample of at most this many of the edits
+            made so far (with their paraphrase and locality probes), so the cost of watching retention does not grow
+            with the stream; the last evaluation (the stream's end, ``max_steps``, or a ``validate`` run) scores every
+            edit. ``None``: every edit at every evaluation.
+        eval_seed: seed of that sample (one fixed order of the stream: an edit in the sample stays in it while the
+            sample is not full).
         stream: the edit stream the module edits and scores (:meth:`EditDataModule.stream`); the command line links
             it from ``data`` (it is not a hyperparameter); in Python, pass ``data.stream()``.
     """
@@ -88,6 +96,8 @@ class EditingModule(LightningModule):
         fluency: bool = True,
         fluency_max_length: PositiveInt = 100,
         fluency_sampling: Sampling = "top5",
+        eval_sample: PositiveInt | None = None,
+        eval_seed: int = 0,
         stream: EditStream | None = None,
     ) -> None:
         super().__init__()
@@ -102,6 +112,16 @@ class EditingModule(LightningModule):
         self.fluency = fluency
         self.fluency_max_length = fluency_max_length
         self.fluency_sampling = fluency_sampling
+        if eval_sample is not None and stream is not None and eval_sample > len(stream.requests):
+            raise ValueError(
+                f"eval_sample: {eval_sample} is larger than the stream ({len(stream.requests)} edits); "
+                "use null to score every edit"
+            )
+        self.eval_sample = eval_sample
+        self.eval_seed = eval_seed
+        self._ranks: torch.Tensor | None = None  # every edit's place in the seeded sample order
+        self._scored_below: int | None = None  # this evaluation scores the edits whose place is below this
+        self._scored = 0  # edits scored by this evaluation
         self.automatic_optimization = False
         self.strict_loading = False
         self.model: PreTrainedModel | None = None
@@ -117,6 +137,10 @@ class EditingModule(LightningModule):
         self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
         self.model.to(self.device)
         self.method.setup(self.model, self.tokenizer, self.model_name, self.cache_dir)
+        if self._stream is not None:
+            check_lengths(
+                self.stream.requests, self.tokenizer, self.model.config, getattr(self.method, "templates", [])
+            )
 
     @property
     def stream(self) -> EditStream:
@@ -158,12 +182,14 @@ class EditingModule(LightningModule):
 
     def on_validation_start(self) -> None:
         self._ensure_reference()
+        self._scored_below, self._scored = self._sample_cut(), 0
 
     def validation_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
         done = int(self.edits_done)
-        requests = [r for i, r in batch if done == 0 or i < done]
+        requests = [r for i, r in batch if (done == 0 or i < done) and self._in_sample(i)]
         if not requests:
             return
+        self._scored += len(requests)
         for name, hits in self._score(requests).items():
             if hits.numel():
                 self.val_scores[name].update(hits)
@@ -178,6 +204,27 @@ class EditingModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("edits/total", float(self.edits_done))
+        self.log("val/scored_edits", float(self._scored))  # the sample's size at this evaluation
+
+    def _sample_cut(self) -> int | None:
+        """The place bound of this evaluation's sample: the ``eval_sample`` edits made so far that come first in one
+        seeded order of the stream; ``None`` scores every edit (no sample, no more edits than the sample holds, or the
+        stream's last evaluation: its end, ``max_steps``, or a ``validate`` run)."""
+        done, trainer = int(self.edits_done), self.trainer
+        last = (
+            trainer.state.fn != TrainerFn.FITTING
+            or done >= len(self.stream.requests)
+            or 0 < trainer.max_steps <= trainer.global_step
+        )
+        if self.eval_sample is None or last or done <= self.eval_sample:
+            return None
+        if self._ranks is None:
+            order = torch.randperm(len(self.stream.requests), generator=torch.Generator().manual_seed(self.eval_seed))
+            self._ranks = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+        return int(self._ranks[:done].kthvalue(self.eval_sample).values) + 1
+
+    def _in_sample(self, index: int) -> bool:
+        return self._scored_below is None or int(self._ranks[index]) < self._scored_below
 
     def _score(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
         family = self.stream.metric_family

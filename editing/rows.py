@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from editing.requests import EditRequest
 
 
 @dataclass
@@ -119,3 +121,38 @@ def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.
     total = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, values)
     count = torch.zeros(n_rows, device=values.device, dtype=values.dtype).index_add(0, row, torch.ones_like(values))
     return total / count.clamp(min=1)
+
+
+def check_lengths(
+    requests: Sequence[EditRequest],
+    tokenizer: PreTrainedTokenizerBase,
+    config: PretrainedConfig,
+    templates: Sequence[str] = (),
+) -> None:
+    """Refuse, before any editing, a request whose longest row would not fit the model's positions.
+
+    The rows an edit step and its evaluation build are a context template's prefix, a prompt (the request's own, its
+    paraphrases, its locality and generation prompts) and its answer; the longest prefix of ``templates`` is counted
+    for every prompt. A prompt past ``max_position_embeddings`` would fail deep in the model, or grind for hours on a
+    CPU (a 200,000-character subject), so it fails here with one line naming the record and the field.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return
+    prefix = max((len(tokenizer(t.replace("{}", ""))["input_ids"]) for t in templates), default=0)
+    for index, r in enumerate(requests):
+        rows = {"prompt + target_new": (r.text, r.target_new)}
+        rows.update({f"rephrase_prompts[{i}]": (p, r.target_new) for i, p in enumerate(r.rephrase_prompts)})
+        rows.update({f"locality[{i}]": (p.prompt, p.answer) for i, p in enumerate(r.locality)})
+        rows.update({f"generation_prompts[{i}]": (p, "") for i, p in enumerate(r.generation_prompts)})
+        for field, (prompt, answer) in rows.items():
+            # a token holds at least one byte (byte-level BPE, SentencePiece with byte fallback), plus BOS and a
+            # space: only texts that could be too long are tokenised
+            if len(prompt.encode()) + len(answer.encode()) + prefix + 2 < limit:
+                continue
+            length = prefix + len(tokenizer(prompt)["input_ids"]) + len(target_token_ids(tokenizer, answer or " "))
+            if length > limit:
+                raise ValueError(
+                    f"request {index} (case_id {r.case_id}): field '{field}' needs {length} positions with the "
+                    f"longest context template; the model takes {limit}"
+                )
