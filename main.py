@@ -1,4 +1,8 @@
-"""Command line: ``python main.py fit|validate --config configs/lyaplock.yaml [--model.model_name ...]``.
+"""Command line: ``python main.py fit|validate|export --config configs/lyaplock.yaml [--model.model_name ...]``.
+
+``export --ckpt_path RUN/checkpoints/last.ckpt --export_dir DIR`` writes a run's edited model as a Hugging Face
+directory (:mod:`editing.export`); the model and method come from the checkpoint, so ``--config`` is only needed for
+callbacks that change what is exported (``PruneRestraint``).
 
 Built on LightningCLI: the module, data module and trainer arguments come from their signatures and docstrings.
 The run defaults are configuration, shown by ``--print_config`` and overridable from YAML or the command line:
@@ -10,19 +14,24 @@ there and ``checkpoint`` (:class:`callbacks.RunCheckpoint`) keeps ``checkpoints/
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
+import torch
 import wandb
-import yaml
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+import callbacks
 from callbacks import RunCheckpoint, RunReport
 from editing import EditDataModule, EditingModule
+from editing.api import TRAINER_DEFAULTS, default_loggers
+from editing.arguments import plain_config
+from editing.export import ExportTransform, export_model
 from editing.models import check_model_name
 
 
@@ -32,7 +41,7 @@ class SaveAndLogConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # As config.yaml holds it: plain numbers and strings, not jsonargparse's types (PositiveInt, Path), so every
         # logger stores it as data (CSV's hparams.yaml loads with yaml.safe_load).
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = plain_config(self.parser, self.config)
         config["config"] = [str(path) for path in self.config.get("config") or []]  # the files it was composed from
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
@@ -50,8 +59,70 @@ class EditingArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+class EditingTrainer(Trainer):
+    """Lightning's Trainer with ``export``, the command line's third subcommand (LightningCLI runs a subcommand as
+    the trainer method of that name)."""
+
+    def export(
+        self, model: EditingModule, datamodule: LightningDataModule | None = None, *, ckpt_path: str, export_dir: str
+    ) -> Path:
+        """Write a checkpoint's edited model as a Hugging Face directory (safetensors, config, tokenizer).
+
+        Args:
+            model: the module, built from the checkpoint's hyperparameters (model name, method) and the config.
+            datamodule: not used: no stream is needed to export.
+            ckpt_path: the run's checkpoint (``checkpoints/last.ckpt``).
+            export_dir: the directory to write; ``AutoModelForCausalLM.from_pretrained(export_dir)`` loads it (WISE:
+                ``editing.wise_export.load_edited``). Callbacks of the config that change the exported weights
+                (``PruneRestraint``: the restrained ones) are restored from the checkpoint and applied.
+        """
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        # As Lightning restores a run: the model is built first, then the module's and the callbacks' states.
+        model.configure_model()
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        saved = checkpoint.get("callbacks", {})
+        transforms = [cb for cb in self.callbacks if isinstance(cb, ExportTransform)]
+        for callback in transforms:
+            callback.on_load_checkpoint(self, model, checkpoint)
+            if callback.state_key in saved:
+                callback.load_state_dict(saved[callback.state_key])
+        restored = {cb.state_key for cb in transforms}
+        for key in saved:
+            kind = getattr(callbacks, key.split("{")[0], None)
+            if isinstance(kind, type) and issubclass(kind, ExportTransform) and key not in restored:
+                rank_zero_warn(
+                    f"export: the checkpoint holds {key} state but the config has no such callback; its weights are "
+                    "exported without it (pass the run's --config)"
+                )
+        path = export_model(model, export_dir, transforms, int(checkpoint.get("global_step", 0)))
+        rank_zero_info(f"Exported the edited model of {ckpt_path} to {path}")
+        return path
+
+
 class EditingCLI(LightningCLI):
-    """LightningCLI with the run report and the resume checkpoint, and the loggers writing under the run directory."""
+    """LightningCLI with the run report and the resume checkpoint, the loggers writing under the run directory, and
+    the ``export`` subcommand."""
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # `export` rebuilds the module from the checkpoint's hyperparameters, which LightningCLI applies after
+        # parsing (`--ckpt_path`); the method is required while parsing, so it is taken from there first and
+        # --config stays optional.
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and argv[:1] == ["export"]:
+            ckpt_path = _option_value(argv, "--ckpt_path")
+            if ckpt_path is not None and Path(ckpt_path).is_file():
+                checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+                method = checkpoint.get("hyper_parameters", {}).get("method")
+                if method is not None:
+                    self._subcommand_parsers["export"].set_defaults({"model.method": method})
+        super().parse_arguments(parser, args)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -76,22 +147,19 @@ class EditingCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``name`` in ``argv`` (``--name value`` or ``--name=value``), ``None`` when absent."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def trainer_defaults() -> dict:
     """The trainer settings of every run; the method configs set ``default_root_dir`` (``runs/<method>``)."""
-    return {
-        "default_root_dir": "runs/default",
-        "max_epochs": 1,
-        "num_sanity_val_steps": 0,
-        "enable_model_summary": False,
-        "log_every_n_steps": 1,
-        "logger": [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "csv"}},
-            {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {"project": "lifelong-editing", "offline": os.environ.get("WANDB_MODE") != "online"},
-            },
-        ],
-    }
+    return {"default_root_dir": "runs/default", **TRAINER_DEFAULTS, "logger": default_loggers()}
 
 
 def cli_main(args: list[str] | None = None) -> EditingCLI:
@@ -101,6 +169,7 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
             EditDataModule,
             seed_everything_default=0,
             trainer_defaults=trainer_defaults(),
+            trainer_class=EditingTrainer,
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             parser_class=EditingArgumentParser,

@@ -14,9 +14,10 @@ an extension that the paper did not evaluate).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ from typing_extensions import override
 
 from callbacks.original_weights import OriginalWeights
 from editing.arguments import GreaterThanOne, check_arguments
+from editing.export import export_model
 from editing.spectral import LogBase, restrain, singular_triplets_above, spectral_norm
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class PruneRestraint(OriginalWeights):
         rank: initial rank of the truncated SVD of ``W_n - W`` (doubled until it reaches below the threshold).
         niter: power iterations of the randomized SVD (more: more accurate top triplets).
         full_svd: use the full SVD instead of the truncated one (exact, slower on large matrices).
-        export_dir: at the end of ``fit``, save the model with restrained weights here (``save_pretrained``).
+        export_dir: at the end of ``fit``, save the model with restrained weights here (``save_pretrained``;
+            ``python main.py export`` writes the same from a checkpoint).
     """
 
     @check_arguments
@@ -195,17 +198,27 @@ class PruneRestraint(OriginalWeights):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.export_dir is None or not self.originals:
+        if self.export_dir is None or not self.originals or not trainer.is_global_zero:
             return
-        swap = self.mode == "posthoc" and self.should_restrain(trainer.global_step)
+        export_model(pl_module, self.export_dir, [self], trainer.global_step)
+        rank_zero_info(f"PruneRestraint: exported the restrained model to {self.export_dir}")
+
+    @contextlib.contextmanager
+    def export_weights(self, pl_module: LightningModule, step: int) -> Iterator[None]:
+        """The weights an export writes after ``step`` edit steps: in ``posthoc`` mode the restrained ones, swapped in
+        for the ``with`` block and out after it (editing continues from ``W_n``); in ``inloop`` mode the weights as
+        they are, already restrained. Without originals (a checkpoint that has none) the weights stay unrestrained,
+        with a warning."""
+        swap = (
+            self.mode == "posthoc"
+            and not self._shadow
+            and self._ensure_originals(pl_module)
+            and self.should_restrain(step)
+        )
         if swap:
             self._swap_in(pl_module)
         try:
-            if trainer.is_global_zero:
-                path = Path(self.export_dir)
-                pl_module.model.save_pretrained(path)
-                pl_module.tokenizer.save_pretrained(path)
-                rank_zero_info(f"PruneRestraint: exported the restrained model to {path}")
+            yield
         finally:
             if swap:
                 self._swap_out(pl_module)

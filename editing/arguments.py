@@ -15,6 +15,9 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
+import jsonargparse
+import yaml
+from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import restricted_number_type
 
 PositiveFraction = restricted_number_type("PositiveFraction", float, [(">", 0.0), ("<=", 1.0)])
@@ -24,6 +27,21 @@ GreaterThanOne = restricted_number_type("GreaterThanOne", float, (">", 1.0))
 """A float ``> 1``, e.g. the base of a logarithm that must grow."""
 
 Init = TypeVar("Init", bound=Callable[..., None])
+
+# jsonargparse 4.49 renamed dump's ``skip_none`` to ``skip_unset``; both keep the None values (``norm_constraint: null``
+# is a choice, not an absent value).
+_KEEP_NONE = (
+    {"skip_unset": False}
+    if tuple(int(p) for p in jsonargparse.__version__.split(".")[:2]) >= (4, 49)
+    else {"skip_none": False}
+)
+
+
+def plain_config(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
+    """``config`` as the YAML file jsonargparse writes holds it: builtin numbers, strings, lists and dicts only (not
+    ``PositiveInt`` or ``Path`` objects), so it goes into a ``torch.load(weights_only=True)`` checkpoint and to every
+    logger as data."""
+    return yaml.safe_load(parser.dump(config, **_KEEP_NONE))
 
 
 def check_arguments(init: Init) -> Init:

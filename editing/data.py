@@ -7,6 +7,7 @@ module scores only the requests edited so far (all of them before the first edit
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ from editing.requests import EditRequest, builtin_requests, detect_format, read_
 
 IndexedRequest = tuple[int, EditRequest]
 MetricFamily = Literal["counterfact", "token"]
+Scored = Literal["edited", "all"]
 
 
 def _as_batch(items: list[IndexedRequest]) -> list[IndexedRequest]:
@@ -62,8 +64,12 @@ class EditStream:
         requests: the edit requests in stream order (edit step ``k`` edits the ``k``-th group of ``edits_per_step``).
         metric_family: ``counterfact`` or ``token``, resolved from the data module's ``metric_family``.
         stream_id: fingerprint of the ordered stream (case ids and targets), recorded with every result and checkpoint.
-        source: the request file, or ``built-in``.
+        source: the request file, ``built-in``, or ``in-memory`` (:meth:`EditDataModule.from_requests`).
         edits_per_step: requests edited together in one step.
+        start: requests before this position were edited by earlier runs on the same module (consecutive
+            ``Editor.edit`` calls continue one stream); this run edits from here on.
+        scored: what an evaluation scores: ``edited``, the requests edited so far (every one before the first edit:
+            the unedited baseline), or ``all``, every request whether edited or not (``Editor.evaluate(requests)``).
     """
 
     requests: tuple[EditRequest, ...]
@@ -71,6 +77,8 @@ class EditStream:
     stream_id: str
     source: str
     edits_per_step: int
+    start: int = 0
+    scored: Scored = "edited"
 
 
 class EditDataModule(LightningDataModule):
@@ -111,6 +119,30 @@ class EditDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.requested_family = metric_family
         self._stream: EditStream | None = None  # read by setup, or by the first stream()
+        self._given: tuple[tuple[EditRequest, ...], int, Scored] | None = None  # from_requests: requests, start, scored
+
+    @classmethod
+    def from_requests(
+        cls,
+        requests: Sequence[EditRequest],
+        edits_per_step: int = 1,
+        start: int = 0,
+        scored: Scored = "edited",
+        eval_batch_size: int = 16,
+        metric_family: Literal["auto", "counterfact", "token"] = "auto",
+    ) -> EditDataModule:
+        """A stream of requests already in memory (the Python API, :class:`editing.api.Editor`).
+
+        Args:
+            requests: the whole stream, in order, including the ``start`` requests edited by earlier runs.
+            edits_per_step, eval_batch_size, metric_family: as for the constructor.
+            start, scored: see :class:`EditStream`.
+        """
+        data = cls(edits_per_step=edits_per_step, eval_batch_size=eval_batch_size, metric_family=metric_family)
+        if not 0 <= start <= len(requests):
+            raise ValueError(f"start: expected 0..{len(requests)}, got {start}")
+        data._given = (tuple(requests), start, scored)
+        return data
 
     def setup(self, stage: str) -> None:
         self.stream()
@@ -123,12 +155,16 @@ class EditDataModule(LightningDataModule):
         return self._stream
 
     def _read(self) -> EditStream:
-        if self.path is None:
+        start, scored = 0, "edited"
+        if self._given is not None:
+            requests, start, scored = list(self._given[0]), self._given[1], self._given[2]
+        elif self.path is None:
             requests = builtin_requests(self.limit)
         else:
             requests = read_requests(self.path, self.format, self.limit)
         if not requests:
-            raise ValueError(f"data.path: '{self.path}' holds no edit requests")
+            where = "requests: the list" if self._given is not None else f"data.path: '{self.path}'"
+            raise ValueError(f"{where} holds no edit requests")
         if self.shuffle:
             order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(self.seed)).tolist()
             requests = [requests[i] for i in order]
@@ -137,8 +173,10 @@ class EditDataModule(LightningDataModule):
             requests=tuple(requests),
             metric_family=self._resolve_family(requests),
             stream_id=digest.hexdigest()[:16],
-            source=self.path or "built-in",
+            source="in-memory" if self._given is not None else self.path or "built-in",
             edits_per_step=self.edits_per_step,
+            start=start,
+            scored=scored,
         )
 
     def _resolve_family(self, requests: list[EditRequest]) -> MetricFamily:
@@ -164,7 +202,7 @@ class EditDataModule(LightningDataModule):
         return self.stream().stream_id
 
     def train_dataloader(self) -> DataLoader:
-        return StreamLoader(list(enumerate(self.requests)), self.edits_per_step)
+        return StreamLoader(list(enumerate(self.requests))[self.stream().start :], self.edits_per_step)
 
     def val_dataloader(self) -> DataLoader:
         items = list(enumerate(self.requests))

@@ -189,12 +189,31 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise ValueError(f"model.model_name: cannot load '{model_name}': {err}") from err
+    return prepare_model(model, tokenizer)
+
+
+def prepare_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A loaded model and its tokenizer made ready for editing, in place: eval mode, gradients off, a pad token and
+    right padding (what the scoring code expects); an architecture outside the editing table is refused."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.eval().requires_grad_(False)
     architecture_of(model)
     return model, tokenizer
+
+
+@torch.no_grad()
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """A short digest of every parameter's name, shape, sum and absolute sum: what on-disk caches (C0) are keyed by
+    for a model given in memory, whose name says nothing about what was done to its weights."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        sums = (p.sum(dtype=torch.float64).item(), p.abs().sum(dtype=torch.float64).item())
+        digest.update(f"{name}{tuple(p.shape)}{sums[0].hex()}{sums[1].hex()}".encode())
+    return digest.hexdigest()[:12]
 
 
 @torch.no_grad()

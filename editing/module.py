@@ -5,12 +5,15 @@ closed-form solve for locate-then-edit methods), so Lightning counts one optimiz
 ``max_steps``, ``val_check_interval`` and checkpoint intervals count edit steps. ``validation_step`` scores the
 requests edited so far (all of them before the first edit: the unedited baseline).
 
-Checkpoints hold only the edited weights, the method state and the locality reference, not the frozen model.
+Checkpoints hold only the edited weights, the method state and the locality reference, not the frozen model; the
+hyperparameters hold the method as ``class_path`` + ``init_args``, so ``EditingModule.load_from_checkpoint(path)``
+rebuilds the edited system (it reloads the frozen model by ``model_name``).
 """
 
 from __future__ import annotations
 
 import time
+from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,14 +21,16 @@ from typing import Any, Literal
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arguments import check_arguments
 from editing.cache import default_cache_dir
-from editing.data import EditStream, IndexedRequest
-from editing.methods.base import EditMethod
+from editing.data import EditDataModule, EditStream, IndexedRequest
+from editing.methods.base import EditMethod, build_method, method_config
 from editing.metrics import (
     HitRate,
     MeanScore,
@@ -35,7 +40,7 @@ from editing.metrics import (
     locality_predictions,
     score_requests,
 )
-from editing.models import EMBEDDED_MODEL, load_model
+from editing.models import EMBEDDED_MODEL, load_model, prepare_model, weights_fingerprint
 from editing.requests import EditRequest
 from editing.rows import check_lengths
 
@@ -60,7 +65,8 @@ class EditingModule(LightningModule):
     """A language model under sequential editing by one method.
 
     Args:
-        method: the editing method (``class_path`` in the config: ``editing.methods.LyapLock``, ``MEMIT``, ...).
+        method: the editing method (``class_path`` in the config: ``editing.methods.LyapLock``, ``MEMIT``, ...); in
+            Python also its ``{"class_path": ..., "init_args": {...}}`` dict, as the hyperparameters store it.
         model_name: ``SmolLM2-135M-Instruct`` (embedded, offline), a local directory or a Hugging Face id.
         dtype: parameter dtype of the language model (solves always run in float64).
         cache_dir: converted models and C0 statistics (default ``$EDITING_CACHE`` or ``~/.cache/lifelong-editing``).
@@ -81,7 +87,8 @@ class EditingModule(LightningModule):
         eval_seed: seed of that sample (one fixed order of the stream: an edit in the sample stays in it while the
             sample is not full).
         stream: the edit stream the module edits and scores (:meth:`EditDataModule.stream`); the command line links
-            it from ``data`` (it is not a hyperparameter); in Python, pass ``data.stream()``.
+            it from ``data`` (it is not a hyperparameter); in Python, pass ``data.stream()``, or leave it out and the
+            module takes the stream of the data module it first runs with (e.g. after ``load_from_checkpoint``).
     """
 
     @check_arguments
@@ -101,9 +108,14 @@ class EditingModule(LightningModule):
         stream: EditStream | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["method", "stream"])
+        if isinstance(method, dict):  # the hyperparameters of a checkpoint (load_from_checkpoint)
+            method = build_method(method)
         self.method = method
-        self._stream = stream
+        # The hyperparameter is the method as data (class_path + init_args, what the command line's config holds),
+        # so that a checkpoint rebuilds it and still loads with torch.load(weights_only=True).
+        method = self._method_config(method)  # read by save_hyperparameters from this frame
+        self.save_hyperparameters(ignore=["stream"])
+        self._stream: EditStream | None = None
         self.model_name = model_name
         self.dtype_name = dtype
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -112,11 +124,6 @@ class EditingModule(LightningModule):
         self.fluency = fluency
         self.fluency_max_length = fluency_max_length
         self.fluency_sampling = fluency_sampling
-        if eval_sample is not None and stream is not None and eval_sample > len(stream.requests):
-            raise ValueError(
-                f"eval_sample: {eval_sample} is larger than the stream ({len(stream.requests)} edits); "
-                "use null to score every edit"
-            )
         self.eval_sample = eval_sample
         self.eval_seed = eval_seed
         self._ranks: torch.Tensor | None = None  # every edit's place in the seeded sample order
@@ -126,28 +133,99 @@ class EditingModule(LightningModule):
         self.strict_loading = False
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._model_id: str | None = None  # what keys the on-disk caches: model_name, or a fingerprint (from_model)
         self.register_buffer("edits_done", torch.zeros((), dtype=torch.long))
         self.locality_reference: dict[str, list[list[int]]] = {}
         self.val_scores = nn.ModuleDict({**{name: HitRate() for name in SCORES}, "fluency": MeanScore()})
+        if stream is not None:
+            self.stream = stream
+
+    @classmethod
+    def from_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: EditMethod, **kwargs: Any
+    ) -> EditingModule:
+        """A module around a model already in memory (loaded, fine-tuned or converted by the caller), which it edits
+        in place (:func:`editing.models.prepare_model` puts it in eval mode with gradients off and right padding).
+
+        The model is not a hyperparameter: ``model_name`` defaults to ``model.name_or_path``, what
+        ``load_from_checkpoint`` reloads, and the on-disk caches (C0) are keyed by a fingerprint of the weights, so a
+        changed model never reads the statistics of another with the same name.
+
+        Args:
+            model, tokenizer: the language model and its tokenizer.
+            method: the editing method.
+            **kwargs: the other constructor arguments (``stream``, ``step_metrics``, ...).
+        """
+        kwargs.setdefault("model_name", model.name_or_path or "in-memory")
+        kwargs.setdefault("dtype", next((k for k, v in _DTYPES.items() if v == model.dtype), "float32"))
+        module = cls(method, **kwargs)
+        module.model, module.tokenizer = prepare_model(model, tokenizer)
+        module._model_id = f"{module.model_name}@{weights_fingerprint(model)}"
+        return module
+
+    @staticmethod
+    def _method_config(method: object) -> dict[str, Any] | None:
+        """The method's ``class_path`` + ``init_args``; ``None`` (with a warning) when it cannot be described."""
+        if not isinstance(method, EditMethod):
+            return None
+        try:
+            return method_config(method)
+        except (TypeError, ValueError, ArgumentError) as err:
+            rank_zero_warn(
+                f"EditingModule: the method cannot be stored as a config ({err}); load_from_checkpoint will need "
+                "method=... passed by hand"
+            )
+            return None
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
-        self.model.to(self.device)
-        self.method.setup(self.model, self.tokenizer, self.model_name, self.cache_dir)
-        if self._stream is not None:
-            check_lengths(
-                self.stream.requests, self.tokenizer, self.model.config, getattr(self.method, "templates", [])
-            )
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
+            self.model.to(self.device)
+        if not self.method.bound:
+            self.method.setup(self.model, self.tokenizer, self._model_id or self.model_name, self.cache_dir)
+            self._check_stream()
+
+    def _check_stream(self) -> None:
+        """Refuse requests the bound model's positions cannot hold, before anything is edited."""
+        if self._stream is not None and self.model is not None:
+            templates = getattr(self.method, "templates", [])
+            check_lengths(self._stream.requests, self.tokenizer, self.model.config, templates)
 
     @property
     def stream(self) -> EditStream:
-        """The edit stream given at construction (the requests, their metric family and the stream's identity)."""
+        """The edit stream (the requests, their metric family and the stream's identity): given at construction, set
+        here, or taken from the data module of the first run."""
         if self._stream is None:
             raise ValueError("stream: EditingModule needs the edit stream: EditingModule(..., stream=data.stream())")
         return self._stream
+
+    @stream.setter
+    def stream(self, stream: EditStream) -> None:
+        if self.eval_sample is not None and self.eval_sample > len(stream.requests):
+            raise ValueError(
+                f"eval_sample: {self.eval_sample} is larger than the stream ({len(stream.requests)} edits); "
+                "use null to score every edit"
+            )
+        self._stream = stream
+        self._ranks = None  # the sample order is one of this stream
+        if isinstance(self.method, EditMethod) and self.method.bound:
+            self._check_stream()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self._stream is None and isinstance(datamodule, EditDataModule):
+            self.stream = datamodule.stream()
+        self._plot_against_edits()
+
+    def _plot_against_edits(self) -> None:
+        """Make the number of edits the x axis of every W&B chart (the step axis counts edit steps, which differ from
+        edits when ``edits_per_step > 1`` and restart with every ``Editor.edit`` call); W&B takes the last
+        ``edits/total`` for a row that lacks it."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.define_metric("edits/total")
+                logger.experiment.define_metric("*", step_metric="edits/total", step_sync=True)
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         """The edited language model (``input_ids``, ``attention_mask``, ... as for Hugging Face models)."""
@@ -186,7 +264,8 @@ class EditingModule(LightningModule):
 
     def validation_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
         done = int(self.edits_done)
-        requests = [r for i, r in batch if (done == 0 or i < done) and self._in_sample(i)]
+        every = done == 0 or self.stream.scored == "all"
+        requests = [r for i, r in batch if (every or i < done) and self._in_sample(i)]
         if not requests:
             return
         self._scored += len(requests)
@@ -213,6 +292,7 @@ class EditingModule(LightningModule):
         done, trainer = int(self.edits_done), self.trainer
         last = (
             trainer.state.fn != TrainerFn.FITTING
+            or self.stream.scored == "all"
             or done >= len(self.stream.requests)
             or 0 < trainer.max_steps <= trainer.global_step
         )
@@ -233,11 +313,18 @@ class EditingModule(LightningModule):
         )
 
     def _ensure_reference(self) -> None:
-        """Cache the unedited model's locality predictions before the first edit (restored from checkpoints)."""
-        missing = [r for r in self.stream.requests if r.case_id not in self.locality_reference]
+        """Cache the locality predictions of the model as it is before a request is edited (restored from
+        checkpoints): the unedited model's for the whole stream before the first edit. A stream that a later run
+        continues (``start > 0``, consecutive ``Editor.edit`` calls) gets them for its new requests from the model as
+        it is before that run, so their locality is measured against the model with the earlier edits in it; the
+        same holds for requests an ``all`` evaluation scores before they are edited. A request already edited without
+        a reference has none to get."""
+        stream = self.stream
+        missing = [r for r in stream.requests if r.case_id not in self.locality_reference]
         if not missing:
             return
-        if int(self.edits_done) > 0:
+        edited = {r.case_id for r in stream.requests[: int(self.edits_done)]} if stream.scored == "edited" else set()
+        if any(r.case_id in edited for r in missing):
             raise ValueError("locality: the checkpoint has no unedited reference predictions for this stream")
         self.locality_reference.update(locality_predictions(self.model, self.tokenizer, missing))
 
@@ -246,6 +333,18 @@ class EditingModule(LightningModule):
         full = super().state_dict(*args, **kwargs)
         edited = {f"model.{name}.weight" for name in self.method.edited_weights()}
         return {k: v for k, v in full.items() if k in edited or not k.startswith("model.")}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``, except that the frozen model's weights are not missing: a checkpoint never
+        holds them (the model is reloaded by name), so only an absent edited weight or method state is reported."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        edited = {f"model.{name}.weight" for name in self.method.edited_weights()}
+        missing = [k for k in result.missing_keys if k in edited or not k.startswith("model.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"EditingModule: checkpoint state missing {missing}, unexpected {result.unexpected_keys}"
+            )
+        return result._replace(missing_keys=missing)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["locality_reference"] = self.locality_reference

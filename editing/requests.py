@@ -14,7 +14,7 @@ loop or, worse, as an edit that silently targets the wrong text.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -507,6 +507,27 @@ def detect_format(path: str | Path) -> str:
         records = _json_list(text, path.name)
         return _detect(records[0], path.name) if records else "jsonl"
     return "jsonl"
+
+
+def as_requests(requests: EditRequest | dict[str, Any] | Iterable[EditRequest | dict[str, Any]]) -> list[EditRequest]:
+    """Requests given in Python: one or a list of :class:`EditRequest` or dicts in the canonical JSON Lines layout
+    (``case_id``, ``prompt``, ``subject``, ``target_new``, ...), validated as a file's records are.
+
+    Raises:
+        RequestError: a dict is not a valid canonical record; the message names its index (``requests: record 1``)
+            and the field.
+    """
+    items = [requests] if isinstance(requests, EditRequest | dict) else list(requests)
+    out = []
+    for i, item in enumerate(items):
+        where = _Where("requests", i)
+        if isinstance(item, EditRequest):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(_from_canonical(item, where))
+        else:
+            raise where.error(f"expected an EditRequest or a dict, got {type(item).__name__}")
+    return out
 
 
 def builtin_requests(limit: int | None = None) -> list[EditRequest]:

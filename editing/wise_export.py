@@ -1,9 +1,14 @@
 """Export and reload of a WISE-edited model, so it is usable outside this framework.
 
-The export is the unedited model (``save_pretrained``) and its tokenizer, plus ``side_memory.safetensors`` (the task
-vector of every answering memory) and ``side_memory.json`` (the module they sit on, their thresholds and the router's
-long-input rule). :func:`load_edited` rebuilds a Hugging Face model with the router installed, which routes exactly
-like the model that was exported.
+The export is the unedited model and its tokenizer (``save_pretrained`` into ``unedited_base/``), plus
+``side_memory.safetensors`` (the task vector of every answering memory) and ``side_memory.json`` (the module they sit
+on, their thresholds and the router's long-input rule). :func:`load_edited` rebuilds a Hugging Face model with the
+router installed, which routes exactly like the model that was exported.
+
+The edits are not in the weights, so plain ``AutoModelForCausalLM.from_pretrained(path)`` would give the unedited
+model: the top-level ``config.json`` names a model type that does not exist, so transformers refuses the directory with
+an error that quotes it, and the type says to use :func:`load_edited`. (A concrete class, ``LlamaForCausalLM``, finds
+no weights at the top level and fails too.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from editing.router import Router
 
 EXPORT_TENSORS = "side_memory.safetensors"
 EXPORT_CONFIG = "side_memory.json"
+BASE_DIR = "unedited_base"
+GUARD_MODEL_TYPE = "wise-side-memory-export: load it with editing.wise_export.load_edited(path), not from_pretrained"
 
 
 @dataclass
@@ -44,8 +51,10 @@ def export_edited(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with router.disabled():
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+        model.save_pretrained(path / BASE_DIR)
+    tokenizer.save_pretrained(path / BASE_DIR)
+    guard = {"model_type": GUARD_MODEL_TYPE, "base_model": BASE_DIR, "side_memory": EXPORT_CONFIG}
+    (path / "config.json").write_text(json.dumps(guard, indent=2))
     memories = router.bank.answering()
     save_file({f"memory_{i}": tau.detach().float().cpu().contiguous() for i, (tau, _) in enumerate(memories)},
               str(path / EXPORT_TENSORS))  # fmt: skip
@@ -60,8 +69,9 @@ def load_edited(
     ``last_route`` shows its decisions."""
     path = Path(path)
     config = json.loads((path / EXPORT_CONFIG).read_text())
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = path / BASE_DIR if (path / BASE_DIR).is_dir() else path  # exports from before the guard: the top level
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     tensors = load_file(str(path / EXPORT_TENSORS), device=str(device))
     taus = [tensors[f"memory_{i}"] for i in range(len(config["thresholds"]))]
     router = Router(ExportedMemories(taus, list(config["thresholds"])), config["long_input_max"])

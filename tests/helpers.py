@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +54,25 @@ def tiny_ft_args(run: dict[str, Path], root: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def wise_fit_args(run: dict[str, Path], root: Path, *extra: str) -> list[str]:
+    """``fit`` with configs/wise.yaml on the tiny model: the side memory in block 2, few prefixes and steps."""
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "wise.yaml"),
+        "--model.model_name", str(run["model"]),
+        "--model.cache_dir", str(run["cache"]),
+        "--model.method.init_args.module", "2",
+        "--model.method.init_args.prefixes", "2",
+        "--model.method.init_args.prefix_length", "3",
+        "--model.method.init_args.pool_size", "4",
+        "--model.method.init_args.steps", "5",
+        "--data.path", str(run["data"]),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
 def callbacks_config(path: Path, *callbacks: tuple[str, dict]) -> Path:
     """A YAML config that sets ``trainer.callbacks`` (lists in configs are replaced as a whole), for a second
     ``--config``: ``(class_path, init_args)`` per callback."""
@@ -66,3 +87,32 @@ def inflate_rank_one(W: torch.Tensor, factor: float = 30.0) -> None:
     restrains for any ``log_base``."""
     u, v = torch.randn(W.shape[0], 1), torch.randn(W.shape[1], 1)
     W += factor * torch.linalg.svdvals(W)[0] * (u @ v.T) / (u.norm() * v.norm())
+
+
+# A fresh interpreter that knows transformers only: loads the directory, checks that none of this project was
+# imported, and saves its tokenization and logits (``plain.pt``) for the test to compare.
+_PLAIN_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+directory, texts, out = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(directory)
+tokenizer = AutoTokenizer.from_pretrained(directory)
+batch = tokenizer(texts, return_tensors="pt", padding=True)
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("editing", "callbacks", "main"))
+assert not ours, ours
+with torch.no_grad():
+    torch.save({"ids": batch["input_ids"], "logits": model(**batch).logits}, out)
+"""
+
+
+def plain_load(directory: Path, texts: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """Load ``directory`` with plain ``AutoModelForCausalLM.from_pretrained`` in a fresh process run in ``workdir``
+    (not the repository), and write the logits of ``texts`` to ``workdir / "plain.pt"``."""
+    return subprocess.run(
+        [sys.executable, "-c", _PLAIN_LOAD, str(directory), "|".join(texts), str(workdir / "plain.pt")],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -5,13 +5,18 @@ from __future__ import annotations
 import csv
 import json
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
-from helpers import tiny_ft_args
+import torch
+from helpers import tiny_fit_args, tiny_ft_args
 from jsonargparse.typing import PositiveInt
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from editing.data import EditDataModule
+from editing.methods import FineTune, LyapLock
+from editing.models import load_model
 from editing.module import EditingModule
 from editing.requests import EditRequest
 from editing.rows import check_lengths
@@ -79,3 +84,75 @@ def test_cli_refuses_a_giant_subject_before_editing(tiny_run, tiny_run_requests,
     with pytest.raises(ValueError, match=r"^request 0 \(case_id t0\): field 'prompt \+ target_new' needs"):
         cli_main(tiny_ft_args(tiny_run, tiny_run["root"]))
     assert not list(tiny_run["root"].glob("checkpoints/*.ckpt"))
+
+
+# -- load_from_checkpoint: the method is a hyperparameter (class_path + init_args) -------------------------------------
+def _edited_state(module: EditingModule) -> dict[str, torch.Tensor]:
+    state = module.state_dict()
+    return {k: v for k, v in state.items() if k.startswith(("model.", "method.", "edits_done"))}
+
+
+def test_load_from_checkpoint_rebuilds_the_edited_system(tiny_run, tmp_path):
+    run = cli_main(tiny_ft_args(tiny_run, tiny_run["root"], "--trainer.max_steps", "2")).model
+    path = tiny_run["root"] / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # the method is stored as plain data
+    method = checkpoint["hyper_parameters"]["method"]
+    assert method["class_path"] == "editing.methods.FineTune" and method["init_args"]["layer"] == 1
+    assert method["init_args"]["norm_constraint"] is None  # a None choice is kept, not dropped as unset
+    # as a Python-made module stores it (no CLI instantiator): the module rebuilds the method from the dict itself
+    del checkpoint["hyper_parameters"]["_instantiator"]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    unedited, _ = load_model(str(tiny_run["model"]))
+    ids = run.tokenizer(["The home of Ann is", "The sky is"], return_tensors="pt", padding=True)
+    for source in (path, tmp_path / "plain.ckpt"):
+        loaded = EditingModule.load_from_checkpoint(source)
+        loaded.configure_model()  # idempotent: the model was loaded and the method bound while loading
+        assert isinstance(loaded.method, FineTune) and loaded.method.bound and int(loaded.edits_done) == 2
+        edited, reference = _edited_state(run), _edited_state(loaded)
+        assert edited.keys() == reference.keys() == {"edits_done", "model.model.layers.1.mlp.down_proj.weight"}
+        for key in edited:
+            torch.testing.assert_close(reference[key], edited[key], msg=key)
+        assert not torch.equal(edited["model.model.layers.1.mlp.down_proj.weight"],
+                               unedited.model.layers[1].mlp.down_proj.weight)  # fmt: skip
+        torch.testing.assert_close(loaded(**ids).logits, run(**ids).logits)
+        assert loaded.locality_reference == run.locality_reference
+
+
+def test_load_from_checkpoint_restores_the_method_state(tiny_run):
+    run = cli_main(tiny_fit_args(tiny_run, "lyaplock", tiny_run["root"], "--trainer.max_steps", "2")).model
+    loaded = EditingModule.load_from_checkpoint(tiny_run["root"] / "checkpoints" / "last.ckpt")
+    assert isinstance(loaded.method, LyapLock) and loaded.method.layers == [1, 2] and loaded.method.mom2_weight == 250
+    edited, reference = _edited_state(run), _edited_state(loaded)
+    assert {"method.queue_0", "method.svk_1", "method.steps_done"} <= edited.keys() == reference.keys()
+    for key in edited:
+        torch.testing.assert_close(reference[key], edited[key], msg=key)
+    assert int(loaded.method.steps_done) == 2
+
+
+def test_checkpoints_only_rebuild_imported_methods():
+    with pytest.raises(ValueError, match=r"^method: class_path 'os.system' is not an imported EditMethod subclass"):
+        EditingModule(method={"class_path": "os.system", "init_args": {}})
+
+
+def test_wandb_charts_plot_every_metric_against_the_number_of_edits(tmp_path):
+    """``edits/total`` is the x axis of every W&B chart (the real offline runs of tests/test_cli.py make the calls)."""
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    experiment = mock.MagicMock()
+    with mock.patch.object(WandbLogger, "experiment", new_callable=mock.PropertyMock, return_value=experiment):
+        module = EditingModule(method=SimpleNamespace())
+        module._trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path), logger], datamodule=None)
+        module.setup("fit")
+    assert experiment.define_metric.call_args_list == [
+        mock.call("edits/total"),
+        mock.call("*", step_metric="edits/total", step_sync=True),
+    ]
+
+
+def test_a_module_made_in_python_stores_its_method_as_a_config():
+    module = EditingModule(method=FineTune(layer=1, norm_constraint=None))
+    method = module.hparams["method"]
+    assert method["class_path"] == "editing.methods.FineTune"
+    assert method["init_args"] == {"layer": 1, "lr": 5e-4, "steps": 25, "norm_constraint": None, "stop_loss": 1e-2,
+                                   "box": "per_edit"}  # fmt: skip
+    rebuilt = EditingModule(method=method).method
+    assert isinstance(rebuilt, FineTune) and (rebuilt.layer, rebuilt.norm_constraint) == (1, None)

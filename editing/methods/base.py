@@ -8,18 +8,24 @@ optimizer's ``step`` (the closed-form update).
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.arguments import check_arguments
+from editing.arguments import check_arguments, plain_config
 from editing.corpus import load_corpus
 from editing.locate import (
     KeyAveraging,
@@ -44,12 +50,27 @@ class EditMethod(nn.Module, ABC):
 
     :meth:`setup` binds the method to the language model and its tokenizer, which it then reads as :attr:`model` and
     :attr:`tokenizer`; subclasses do their own binding (edited weights, statistics, hooks) in :meth:`configure`.
+
+    A method is also data: :func:`method_config` describes it as ``class_path`` + ``init_args`` (what a config or a
+    checkpoint holds) and :func:`build_method` rebuilds it from that.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> EditMethod:
+        # The caller's arguments, recorded before any __init__ of the hierarchy runs, so that method_config describes
+        # the method as it was asked for (not its state after binding, e.g. the layers a model preset filled in).
+        method = super().__new__(cls)
+        object.__setattr__(method, "_init_call", (args, dict(kwargs)))
+        return method
 
     def __init__(self) -> None:
         super().__init__()
         self.timings: dict[str, float] = {}
         self._bound: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None  # a tuple: not a submodule
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`setup` has bound the method to a model."""
+        return self._bound is not None
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, cache_dir: Path) -> None:
         """Bind to the model (called once from ``configure_model``, before any checkpoint is restored)."""
@@ -91,6 +112,84 @@ class EditMethod(nn.Module, ABC):
     def step_log(self) -> dict[str, float]:
         """Values worth logging after a step (beyond ``timings``), keyed ``stage/name``."""
         return {}
+
+    def export(self, path: str | Path) -> None:
+        """Write the edited model as a Hugging Face directory (safetensors, config, tokenizer). A method that edits
+        the model's own weights needs nothing else: ``from_pretrained(path)`` loads the edited model. A method whose
+        edits live elsewhere (WISE's side memory) overrides this."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+@functools.cache
+def _method_parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=EditMethod)
+    return parser
+
+
+def _class_path(cls: type) -> str:
+    """The import path a config names ``cls`` by: the package's re-export (``editing.methods.LyapLock``) if any."""
+    package = cls.__module__.rpartition(".")[0]
+    if package and getattr(sys.modules.get(package), cls.__qualname__, None) is cls:
+        return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def method_config(method: EditMethod) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": {...}}`` of ``method``: every constructor argument (defaults included) as
+    plain data, as jsonargparse writes it in a config, so a checkpoint that stores it loads with
+    ``torch.load(weights_only=True)`` and :func:`build_method` rebuilds the same method.
+
+    Raises:
+        TypeError: the method was given positional arguments that its signature does not name (pass them by name).
+    """
+    args, kwargs = getattr(method, "_init_call", ((), {}))
+    signature = inspect.signature(type(method))
+    named = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(method).__name__}: pass the arguments by name to describe it as a config")
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    parser = _method_parser()
+    # jsonargparse converts the values it parses in place: parse copies, never the caller's lists
+    config = parser.parse_object(
+        copy.deepcopy({"method": {"class_path": _class_path(type(method)), "init_args": named}})
+    )
+    return plain_config(parser, config)["method"]
+
+
+def build_method(config: dict[str, Any], allow_import: bool = False) -> EditMethod:
+    """The method a :func:`method_config` dict (or a config file's ``model.method``) describes, its arguments checked
+    as the command line checks them.
+
+    Args:
+        config: ``{"class_path": ..., "init_args": {...}}``.
+        allow_import: import the module ``class_path`` names if needed. Off for checkpoints, whose contents should not
+            choose code to import: their class must already be imported (``editing.methods`` always is).
+    """
+    class_path = config.get("class_path") if isinstance(config, dict) else None
+    if not isinstance(class_path, str):
+        raise ValueError(f"method: expected {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(sys.modules.get(module_name), name, None)
+    if not allow_import and not (isinstance(cls, type) and issubclass(cls, EditMethod)):
+        raise ValueError(
+            f"method: class_path '{class_path}' is not an imported EditMethod subclass; import the module that "
+            "defines it before loading"
+        )
+    parser = _method_parser()
+    try:
+        parsed = parser.parse_object(copy.deepcopy({"method": config}))  # not converted in place: it may be hparams
+    except ArgumentError as err:  # a bad value, named as the command line names it
+        raise ValueError(f"method: {err}") from None
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse < 4.49
+    return instantiate(parsed).method
 
 
 class LocateThenEdit(EditMethod):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import callbacks_config
+from helpers import callbacks_config, wise_fit_args
 from transformers import LlamaConfig, Qwen2Config
 
 from editing.methods import WISE
@@ -425,26 +425,6 @@ def test_empty_irrelevant_pool_is_a_clear_error(tmp_path):
 
 
 # -- command line -------------------------------------------------------------------------------------------------
-def wise_fit_args(run: dict, root, *extra: str) -> list[str]:
-    from helpers import REPO
-
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / "wise.yaml"),
-        "--model.model_name", str(run["model"]),
-        "--model.cache_dir", str(run["cache"]),
-        "--model.method.init_args.module", "2",
-        "--model.method.init_args.prefixes", "2",
-        "--model.method.init_args.prefix_length", "3",
-        "--model.method.init_args.pool_size", "4",
-        "--model.method.init_args.steps", "5",
-        "--data.path", str(run["data"]),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("retrieve", [False, True])
 def test_cli_shards_merge_log_routing_and_resume_state(tiny_run, retrieve):
     import csv
