@@ -1,4 +1,5 @@
-"""``RunReport``: writes ``summary.json`` (method, model, protocol, metrics, timing) into the run directory."""
+"""``RunReport``: writes ``summary.json`` (method, model, protocol, metrics, timing) into the run directory, and its
+protocol and final metrics into the summary of every W&B run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from callbacks.general_ability import GeneralAbility
@@ -24,7 +26,7 @@ class RunReport(Callback):
 
     The summary records the protocol next to the numbers (the stream, edits per step, edits applied, when evaluation
     ran, with which metric family and how token accuracies were averaged), so results from different runs can be
-    compared honestly.
+    compared honestly. Every ``WandbLogger``'s run summary gets the same fields, flattened (:func:`summary_fields`).
 
     Args:
         filename: name of the summary file inside ``trainer.default_root_dir``.
@@ -86,7 +88,7 @@ class RunReport(Callback):
                 "metric_family": stream.metric_family,
                 "token_averaging": pl_module.token_averaging,
                 "evaluation": "after the last edit"
-                if val_interval == 1.0
+                if isinstance(val_interval, float) and val_interval == 1.0  # the int 1 means every step
                 else f"every {val_interval} steps and at the end",
             },
             "metrics": self.evaluations[-1]["metrics"] if self.evaluations else {},
@@ -110,8 +112,14 @@ class RunReport(Callback):
             return
         path = Path(trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary(trainer, pl_module), indent=2))
+        summary = self.summary(trainer, pl_module)
+        path.write_text(json.dumps(summary, indent=2))
         log.info("Wrote %s", path)
+        fields = summary_fields(summary)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):  # the run's summary in W&B: its table of runs can compare them
+                for key, value in fields.items():
+                    logger.experiment.summary[key] = value
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -121,6 +129,23 @@ class RunReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step_times = state_dict.get("step_times", [])
         self.evaluations = state_dict.get("evaluations", [])
+
+
+def summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    """The W&B run summary fields of a ``summary.json``: method, model, the protocol and the last evaluation's metrics
+    with flattened keys (``protocol/edits_per_step``, ``metrics/efficacy``), and the seconds per edit step.
+
+    Example:
+        >>> fields = summary_fields({"method": "MEMIT", "model": "m", "protocol": {"total_edits": 3},
+        ...                          "metrics": {"efficacy": 1.0}, "timing": {"seconds_per_step": 2.5}})
+        >>> fields["protocol/total_edits"], fields["metrics/efficacy"], fields["timing/seconds_per_step"]
+        (3, 1.0, 2.5)
+    """
+    fields = {"method": summary["method"], "model": summary["model"]}
+    for section in ("protocol", "metrics"):
+        fields.update({f"{section}/{key}": value for key, value in summary[section].items()})
+    fields["timing/seconds_per_step"] = summary["timing"]["seconds_per_step"]
+    return fields
 
 
 def _section(trainer: Trainer, section: str) -> dict[str, float]:

@@ -246,3 +246,4 @@ def test_cli_run_logs_perplexity_to_metrics_csv_and_summary(tiny_run, text_file)
     curve = summary["curves"]["HeldOutPerplexity"]  # with the unedited point, which the evaluations do not hold
     assert [h["edits"] for h in curve] == [0, 1, 2, 3]
     assert [h["perplexity"] for h in curve] == pytest.approx([p for _, p in values])
+    assert summary["protocol"]["evaluation"] == "every 1 steps and at the end"  # val_check_interval 1 (an int)
