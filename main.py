@@ -8,7 +8,9 @@ Built on LightningCLI: the module, data module and trainer arguments come from t
 The run defaults are configuration, shown by ``--print_config`` and overridable from YAML or the command line:
 ``trainer.logger`` logs to CSV and to Weights & Biases (offline unless ``WANDB_MODE=online``), every logger's
 ``save_dir`` follows ``trainer.default_root_dir``; ``report`` (:class:`callbacks.RunReport`) writes ``summary.json``
-there and ``checkpoint`` (:class:`callbacks.RunCheckpoint`) keeps ``checkpoints/last.ckpt`` to resume from.
+there, ``checkpoint`` (:class:`callbacks.RunCheckpoint`) keeps ``checkpoints/last.ckpt`` to resume from and
+``progress_bar`` (:class:`callbacks.EditProgressBar`) shows edits done, edits per minute, time left and the scores;
+``eval_samples`` (:class:`callbacks.EvalSamples`) logs prompts, targets and predictions as a W&B table.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import NoReturn
 
 import torch
 import wandb
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 import callbacks
-from callbacks import RunCheckpoint, RunReport
+from callbacks import EditProgressBar, EvalSamples, RunCheckpoint, RunReport
 from editing import EditDataModule, EditingModule
 from editing.api import TRAINER_DEFAULTS, default_loggers
 from editing.arguments import plain_config
@@ -131,6 +134,10 @@ class EditingCLI(LightningCLI):
         # present and configurable (`--checkpoint.every_n_train_steps 5`), beside whatever `trainer.callbacks` holds.
         parser.add_lightning_class_args(RunReport, "report")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EvalSamples, "eval_samples")  # a W&B table per evaluation, when W&B logs
+        # The edit progress bar (edits done, edits/min, time left, latest scores); dropped again when the trainer's
+        # progress bar is off or `trainer.callbacks` holds one (see `_instantiate_trainer`).
+        parser.add_lightning_class_args(EditProgressBar, "progress_bar")
         # Every logger that takes a save_dir (CSV, W&B, TensorBoard, ...) writes into the run directory; a save_dir
         # given is replaced. (--print_config shows the config before links apply: save_dir null.)
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
@@ -145,6 +152,16 @@ class EditingCLI(LightningCLI):
         # and logs are not touched yet.
         check_model_name(self.model.model_name)
         return super().instantiate_trainer(**kwargs)
+
+    @override
+    def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
+        # Lightning refuses a progress bar callback with `enable_progress_bar=False`, and two progress bars: the
+        # `progress_bar` group gives way to both, so `--trainer.enable_progress_bar false` still turns it off.
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is False or any(isinstance(cb, ProgressBar) for cb in configured):
+            callbacks = [cb for cb in callbacks if not isinstance(cb, EditProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def _option_value(argv: list[str], name: str) -> str | None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -91,7 +91,7 @@ class Editor:
         checkpoint_every_n_steps: 0 writes no checkpoint; N writes ``root_dir/checkpoints/last.ckpt`` every N edit
             steps of an ``edit`` call (``EditingModule.load_from_checkpoint`` reloads it).
         root_dir: where logs and checkpoints go, when asked for.
-        progress_bar: show Lightning's progress bar.
+        progress_bar: show the progress bar (:class:`callbacks.EditProgressBar`: edits done, edits/min, time left).
         accelerator: Lightning's accelerator (``auto``: a GPU when there is one; one device).
         **method_overrides: constructor arguments of the method that replace the config's (``mom2_weight=100``,
             ``layers=[4, 5]``), checked as the command line checks them.
@@ -208,7 +208,11 @@ class Editor:
         return export_model(self.module, path, self.callbacks, self.edit_steps)
 
     def _trainer(self, fit: bool, **overrides: Any) -> Trainer:
+        from callbacks.progress import EditProgressBar  # the callbacks package imports this one
+
         callbacks = list(self.callbacks)
+        if self.progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.append(EditProgressBar())  # the command line's bar: edits done, edits/min, time left, scores
         if fit and self.checkpoint_every_n_steps:
             # As the command line's callbacks.RunCheckpoint: one last.ckpt, overwritten. A fresh one per call, since
             # each call's Trainer counts its steps from 0.

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
@@ -88,10 +89,11 @@ def _model_sample(
     n_seq = -(-tokens // _SAMPLE_LENGTH)
     log.info("Sampling a %d-token corpus from the model for C0 (once; cached in %s)", tokens, path)
     texts: list[str] = []
-    for start in range(0, n_seq, 64):
-        prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
-        texts += sample_text(model, tokenizer, prompts, _SAMPLE_LENGTH, seed + start)
-        log.info("corpus sample: %d/%d sequences", len(texts), n_seq)
+    with tqdm(total=n_seq, desc="C0 corpus sample", unit="seq") as bar:
+        for start in range(0, n_seq, 64):
+            prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(start, min(n_seq, start + 64))]
+            texts += sample_text(model, tokenizer, prompts, _SAMPLE_LENGTH, seed + start)
+            bar.update(len(prompts))
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(texts))
     return texts, corpus_fingerprint(texts)

@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 from torchmetrics import Metric
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.forward import target_log_probs
@@ -152,9 +153,12 @@ def score_targets(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> TokenScores:
-    """Teacher-force each ``target`` after its ``prompt`` and score every target token, in batches."""
+    """Teacher-force each ``target`` after its ``prompt`` and score every target token, in batches (a progress bar
+    named ``progress`` over the rows when given and there is more than one batch)."""
     nll, predictions, correct = [], [], []
+    bar = tqdm(total=len(prompts), desc=progress, unit="probe", disable=progress is None or len(prompts) <= batch_size)
     for start in range(0, len(prompts), batch_size):
         rows = encode_rows(
             tokenizer, prompts[start : start + batch_size], None, targets[start : start + batch_size], model.device
@@ -166,6 +170,8 @@ def score_targets(
         nll.append(mean_per_row(-token_lp, r, len(rows)))
         predictions += list(top1.split(counts))
         correct += list((top1 == ids).split(counts))
+        bar.update(len(rows))
+    bar.close()
     return TokenScores(torch.cat(nll).cpu(), [p.cpu() for p in predictions], [c.cpu() for c in correct])
 
 
@@ -180,7 +186,8 @@ def locality_predictions(
 ) -> dict[str, list[list[int]]]:
     """The model's top-1 tokens at the answer positions of every locality probe, by case id (the reference)."""
     prompts, answers = _probe_rows(requests)
-    predictions = iter(score_targets(model, tokenizer, prompts, answers).predictions if prompts else [])
+    scores = score_targets(model, tokenizer, prompts, answers, progress="locality reference") if prompts else None
+    predictions = iter(scores.predictions if scores else [])
     return {r.case_id: [next(predictions).tolist() for _ in r.locality] for r in requests}
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,10 @@ def _convert_embedded(target: Path) -> None:
     """De-quantise the GGUF file once and store float32 safetensors + tokenizer atomically under ``target``."""
     source = _embedded_gguf_dir()
     log.info("Converting the embedded GGUF model to float weights (once, ~30 s); cached in %s", target)
+    started = time.perf_counter()
+    log.info("GGUF conversion 1/3: reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_EMBEDDED_GGUF)
+    log.info("GGUF conversion 2/3: de-quantising the weights")  # transformers shows a bar over the tensors
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
     # The tensors are already de-quantised floats; drop the GGUF marker so the model saves as plain safetensors.
     model.hf_quantizer = None
@@ -142,9 +146,11 @@ def _convert_embedded(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
+        log.info("GGUF conversion 3/3: writing safetensors and tokenizer")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+        log.info("Converted the embedded model in %.0f s", time.perf_counter() - started)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

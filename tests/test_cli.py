@@ -12,6 +12,7 @@ import torch
 import yaml
 from helpers import REPO, tiny_fit_args
 
+from callbacks import EditProgressBar
 from main import cli_main
 
 
@@ -43,6 +44,16 @@ def test_fit_writes_summary_metrics_and_small_checkpoint(tiny_run: dict[str, Pat
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     model_keys = [k for k in state if k.startswith("model.")]
     assert sorted(model_keys) == [f"model.model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+
+
+def test_fit_runs_with_the_edit_progress_bar(tiny_run: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    cli = cli_main(_args(tiny_run, "memit", None, "--trainer.enable_progress_bar", "true"))
+    (bar,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EditProgressBar)]
+    assert cli.trainer.progress_bar_callback is bar
+    assert "edits=3/3" in capsys.readouterr().out  # the finished bar stays on screen (Lightning writes to stdout)
+    assert json.loads((tiny_run["root"] / "summary.json").read_text())["protocol"]["total_edits"] == 3
+    (table,) = tiny_run["root"].glob("wandb/offline-run-*/files/media/table/val/samples_*.table.json")  # EvalSamples
+    assert json.loads(table.read_text())["columns"] == ["case_id", "prompt", "target", "prediction", "hit"]
 
 
 def test_checkpoint_every_n_steps_overwrites_one_file(tiny_run: dict[str, Path]) -> None:

@@ -12,11 +12,19 @@ from unittest import mock
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from callbacks import ConditionNumberMonitor, HeldOutPerplexity, PruneRestraint, RunCheckpoint, RunReport
+from callbacks import (
+    ConditionNumberMonitor,
+    EditProgressBar,
+    HeldOutPerplexity,
+    PruneRestraint,
+    RunCheckpoint,
+    RunReport,
+)
 from editing.methods import EditMethod
 from editing.models import default_mlp_layers
 from main import EditingCLI, cli_main
@@ -116,6 +124,18 @@ def test_configured_callbacks_keep_the_report_and_the_checkpoint(build) -> None:
     callbacks = _callbacks(cli)
     assert callbacks.index(PruneRestraint) < callbacks.index(ConditionNumberMonitor) < callbacks.index(RunReport)
     assert HeldOutPerplexity in callbacks and RunCheckpoint in callbacks
+
+
+def test_the_edit_progress_bar_is_the_default_and_gives_way(build, tmp_path: Path) -> None:
+    lyaplock = str(REPO / "configs" / "lyaplock.yaml")
+    bars = [cb for cb in build("fit", "--config", lyaplock).trainer.callbacks if isinstance(cb, TQDMProgressBar)]
+    assert [type(bar) for bar in bars] == [EditProgressBar]
+    cli = build("fit", "--config", lyaplock, "--progress_bar.refresh_rate", "5")
+    assert next(cb for cb in cli.trainer.callbacks if isinstance(cb, EditProgressBar)).refresh_rate == 5
+    cli = build("fit", "--config", lyaplock, "--trainer.enable_progress_bar", "false")
+    assert not any(isinstance(cb, TQDMProgressBar) for cb in cli.trainer.callbacks)
+    cli = build("fit", "--config", lyaplock, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
+    assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, TQDMProgressBar)] == [TQDMProgressBar]
 
 
 def test_checkpoint_interval_is_configurable(build) -> None:
