@@ -12,65 +12,60 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_fit_args(run: dict[str, Path], config: str, root: Path, *extra: str) -> list[str]:
-    """``fit`` with a shipped config on blocks 1-2 of the tiny model, offline and small; ``extra`` overrides."""
+def _fit_args(run: dict[str, Path], config: str, root: Path, settings: list[str], extra: tuple[str, ...]) -> list[str]:
+    """``fit`` with ``configs/<config>.yaml`` on the saved tiny model, offline, into ``root``; ``settings`` make it
+    small, ``extra`` comes last (``callbacks+=`` and its init args, overrides)."""
     return [
         "fit",
         "--config", str(REPO / "configs" / f"{config}.yaml"),
         "--model.model_name", str(run["model"]),
         "--model.cache_dir", str(run["cache"]),
+        "--data.path", str(run["data"]),
+        *settings,
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def tiny_fit_args(run: dict[str, Path], config: str, root: Path, *extra: str) -> list[str]:
+    """``fit`` with a shipped config on blocks 1-2 of the tiny model, offline and small; ``extra`` overrides."""
+    small = [
         "--model.method.init_args.layers", "[1, 2]",
         "--model.method.init_args.stats_corpus", str(run["corpus"]),
         "--model.method.init_args.stats_tokens", "300",
         "--model.method.init_args.context_seeds", "[The]",
         "--model.method.init_args.context_length", "3",
         "--model.method.init_args.target_steps", "5",
-        "--data.path", str(run["data"]),
         "--data.edits_per_step", "1",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
     ]  # fmt: skip
+    return _fit_args(run, config, root, small, extra)
 
 
 def tiny_ft_args(run: dict[str, Path], root: Path, *extra: str) -> list[str]:
     """``fit`` with configs/ft.yaml on block 1 of the tiny model, one edit per step, evaluated after every step: the
     cheapest run that exercises a callback over the stream; ``extra`` adds to it."""
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / "ft.yaml"),
-        "--model.model_name", str(run["model"]),
-        "--model.cache_dir", str(run["cache"]),
+    small = [
         "--model.method.init_args.layer", "1",
         "--model.method.init_args.lr", "0.5",
         "--model.method.init_args.steps", "3",
         "--model.method.init_args.norm_constraint", "null",
-        "--data.path", str(run["data"]),
         "--data.edits_per_step", "1",
         "--trainer.val_check_interval", "1",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
     ]  # fmt: skip
+    return _fit_args(run, "ft", root, small, extra)
 
 
 def wise_fit_args(run: dict[str, Path], root: Path, *extra: str) -> list[str]:
     """``fit`` with configs/wise.yaml on the tiny model: the side memory in block 2, few prefixes and steps."""
-    return [
-        "fit",
-        "--config", str(REPO / "configs" / "wise.yaml"),
-        "--model.model_name", str(run["model"]),
-        "--model.cache_dir", str(run["cache"]),
+    small = [
         "--model.method.init_args.module", "2",
         "--model.method.init_args.prefixes", "2",
         "--model.method.init_args.prefix_length", "3",
         "--model.method.init_args.pool_size", "4",
         "--model.method.init_args.steps", "5",
-        "--data.path", str(run["data"]),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
     ]  # fmt: skip
+    return _fit_args(run, "wise", root, small, extra)
 
 
 def callbacks_config(path: Path, *callbacks: tuple[str, dict]) -> Path:
