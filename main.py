@@ -214,6 +214,8 @@ def main() -> None:
         cli_main()
     except ValueError as err:  # bad input: one clear line, no traceback, nothing written half-way
         logging.getLogger(__name__).debug("bad input", exc_info=True)
+        while isinstance(err.__cause__, ValueError):  # jsonargparse wraps errors raised while it links arguments
+            err = err.__cause__
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

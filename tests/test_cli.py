@@ -141,3 +141,21 @@ def test_missing_model_path_is_named(tiny_run: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="model.model_name: path .* does not exist"):
         cli_main(args)
     assert not tiny_run["root"].exists()
+
+
+def test_bad_request_file_is_one_line_from_the_command(tmp_path):
+    """The stream is read while jsonargparse links it into the module; its error still reaches the user as one line
+    naming the record and field, and nothing is written."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"case_id": "x1", "prompt": "The capital of {} is", "subject": "France", "target_new": " "}\n')
+    run = tmp_path / "run"
+    cmd = [sys.executable, "main.py", "fit", "--config", "configs/memit.yaml", "--data.path", str(bad)]
+    out = subprocess.run([*cmd, "--trainer.default_root_dir", str(run)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: bad.jsonl: record 0 (line 1, case_id x1): field 'target_new' is empty"
+    )
+    assert not run.exists()
