@@ -53,16 +53,33 @@ def capture(
     rows: EncodedRows,
     modules: dict[str, str],
     positions: torch.Tensor | None = None,
+    length_buckets: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Inputs or outputs of modules, at one position per row (or every position when ``positions`` is None).
 
     Args:
         modules: module path -> ``"input"`` or ``"output"``.
         positions: ``(B,)`` token index per row.
+        length_buckets: run the rows sorted by length in this many groups, each padded only to its own longest row
+            (rows of a step differ by 2x in length: one padded batch ran ~1.6x the real tokens). Without
+            ``positions``, positions past a row's end hold its group's padding states or zeros: mask them.
 
     Returns:
         module path -> ``(B, d)`` (or ``(B, T, d)`` without positions). The forward pass stops after the last module.
     """
+    if length_buckets > 1 and len(rows) > length_buckets:
+        order = rows.attention_mask.sum(1).argsort()
+        parts = [
+            (g, capture(model, rows.select(g), modules, None if positions is None else positions[g]))
+            for g in order.tensor_split(length_buckets)
+        ]
+        found = {}
+        for name in modules:
+            shape = (len(rows), *parts[-1][1][name].shape[1:])  # the last group holds the longest rows
+            found[name] = parts[0][1][name].new_zeros(shape)
+            for g, part in parts:
+                found[name][(g, *map(slice, part[name].shape[1:]))] = part[name]
+        return found
     found: dict[str, torch.Tensor] = {}
     batch_index = torch.arange(len(rows), device=rows.input_ids.device)
 
@@ -121,3 +138,20 @@ def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.T
     hidden = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)[0]
     r, p, ids = rows.target_positions()
     return log_softmax_at(model, hidden[r, p]), r, ids
+
+
+@contextlib.contextmanager
+def attention_implementation(model: PreTrainedModel, name: str | None) -> Iterator[None]:
+    """Run ``model`` with another attention implementation (``None``: leave it), restoring its own afterwards.
+
+    The target optimisation attends over a few dozen positions; on CPU, PyTorch's fused (flash) attention backward is
+    several times slower there than plain matmul attention, in bfloat16 most of all."""
+    own = model.config._attn_implementation
+    if name is None or name == own:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.forward import blocks_from, capture, log_softmax_at
+from editing.forward import attention_implementation, blocks_from, capture, log_softmax_at
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
 from editing.rows import EncodedRows, encode_rows, mean_per_row
@@ -70,7 +70,7 @@ def compute_keys(
     prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
     subjects = [r.subject for r in requests for _ in templates]
     rows = encode_rows(tokenizer, prompts, subjects, device=model.device)
-    k = capture(model, rows, {module_name: "input"}, rows.subject_pos)[module_name]  # (n * n_templates, d_k)
+    k = capture(model, rows, {module_name: "input"}, rows.subject_pos, length_buckets=4)[module_name]  # (n * n_t, d_k)
     return average_template_keys(k.view(len(requests), len(templates), -1), averaging).T
 
 
@@ -80,7 +80,7 @@ def layer_output_at_subject(
     """``h: (d, n)``, the residual stream after block ``layer`` at the last subject token of each bare prompt."""
     block = f"{architecture_of(model).blocks}.{layer}"
     rows = encode_rows(tokenizer, [r.text for r in requests], [r.subject for r in requests], device=model.device)
-    return capture(model, rows, {block: "output"}, rows.subject_pos)[block].T
+    return capture(model, rows, {block: "output"}, rows.subject_pos, length_buckets=4)[block].T
 
 
 def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> torch.Tensor:
@@ -88,61 +88,91 @@ def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> 
     return (z - h) / (n_layers - i)
 
 
+_PREFIX_GROUPS = 4  # prefix runs, rows grouped by prefix length (one left-padded batch ran ~1.75x the real tokens)
+
+
 class _ShiftedSuffix:
     """The blocks above ``layer`` for rows whose residual stream is shifted at one position each.
 
-    Positions before a row's shift position do not depend on the shift, so their keys and values in the upper blocks
-    are computed once (no gradient) and cached; every optimisation iteration then runs only the positions from the
-    shift on. Prefixes are left-padded and suffixes right-padded, with explicit position ids, so one batched call
-    serves rows of any length.
+    Positions before a row's shift position do not depend on the shift: their keys and values in the upper blocks are
+    computed once, for every row, without gradient. Each optimisation iteration then runs only the positions from the
+    shift on, for the rows still active, in buckets of equal suffix length (no padding: padding every suffix to the
+    longest ran ~3x the real tokens); a bucket's cache is its rows' slice of the prefix keys and values, trimmed to
+    its longest prefix. Prefixes are left-padded, with explicit position ids. On CPU the blocks run with plain matmul
+    attention (:func:`~editing.forward.attention_implementation`).
+
+    ``runner`` holds the upper blocks and LM head that run (the edited model itself, or a reduced-precision copy of
+    it: blocks above the shift layer are never edited by locate-then-edit).
     """
 
-    def __init__(self, model: PreTrainedModel, layer: int, hidden: torch.Tensor, rows: EncodedRows) -> None:
-        self.model, self.layer, dev = model, layer, hidden.device
+    def __init__(self, runner: PreTrainedModel, layer: int, hidden: torch.Tensor, rows: EncodedRows) -> None:
+        self.runner, self.layer, dev = runner, layer, hidden.device
+        dtype = runner.get_output_embeddings().weight.dtype
         b = torch.arange(len(rows), device=dev)[:, None]
-        start, lengths = rows.subject_pos, rows.attention_mask.sum(1)
-        self.prefix_len = int(start.max())
-        width = int((lengths - start).max())
-        src = torch.arange(self.prefix_len, device=dev)[None] - (self.prefix_len - start[:, None])  # (B, P)
-        prefix_valid = src >= 0
-        idx = start[:, None] + torch.arange(width, device=dev)[None]  # (B, S)
-        suffix_valid = idx < lengths[:, None]
-        self.suffix_hidden = hidden[b, idx.clamp(max=hidden.shape[1] - 1)] * suffix_valid[..., None]
-        self.suffix_pos = idx.masked_fill(~suffix_valid, 0)
-        self.mask = torch.cat([prefix_valid, suffix_valid], 1).long()
-        self.start = start
-        self.cache = DynamicCache(config=model.config)
-        # transformers 5.2x renamed the decoder's ``past_key_values`` argument to ``cache``
-        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
-        self.cache_kwarg = {name: self.cache}
-        self.upper_cache = self.cache.layers[layer + 1 :]
+        self.start, lengths = rows.subject_pos, rows.attention_mask.sum(1)
+        self.width = lengths - self.start  # suffix length of each row
+        self.prefix_len = int(self.start.max())
+        idx = self.start[:, None] + torch.arange(int(self.width.max()), device=dev)[None]  # (B, S)
+        self.suffix_hidden = hidden[b, idx.clamp(max=hidden.shape[1] - 1)].to(dtype)
+        self.suffix_pos = idx
+        src = torch.arange(self.prefix_len, device=dev)[None] - (self.prefix_len - self.start[:, None])  # (B, P)
+        self.prefix_valid = src >= 0
+        name = "cache" if "cache" in inspect.signature(runner.base_model.forward).parameters else "past_key_values"
+        self.cache_kwarg = name  # transformers 5.2x renamed the decoder's ``past_key_values`` argument to ``cache``
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.prefix_len:
-            prefix_hidden = hidden[b, src.clamp(min=0)] * prefix_valid[..., None]
-            with torch.no_grad():
-                self._run(prefix_hidden, src.clamp(min=0), prefix_valid.long())
-            # The lower layers never run, but masks are sized from cache layer 0: give them the prefix length.
-            first = self.upper_cache[0]
-            for lower in self.cache.layers[: layer + 1]:
-                lower.lazy_initialization(first.keys, first.values)
-                lower.keys, lower.values = first.keys, first.values
+            prefix_hidden = (hidden[b, src.clamp(min=0)] * self.prefix_valid[..., None]).to(dtype)
+            for group in self.start.argsort().tensor_split(_PREFIX_GROUPS):  # rows of similar prefix length
+                p = int(self.start[group].max()) if len(group) else 0
+                if p:
+                    self._add_prefix(group, prefix_hidden[group, -p:], src[group, -p:])
 
-    def _run(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _add_prefix(self, group: torch.Tensor, x: torch.Tensor, src: torch.Tensor) -> None:
+        """Keys and values of the upper blocks at the prefix positions of rows ``group`` (left-padded to ``p``)."""
+        cache = DynamicCache(config=self.runner.config)
+        with torch.no_grad():
+            self._run(x, src.clamp(min=0), (src >= 0).long(), cache)
+        kv = [(c.keys, c.values) for c in cache.layers[self.layer + 1 :]]
+        if not self.prefix_kv:
+            shape = lambda t: (len(self.start), t.shape[1], self.prefix_len, t.shape[3])  # noqa: E731
+            self.prefix_kv = [(k.new_zeros(shape(k)), v.new_zeros(shape(v))) for k, v in kv]
+        for (keys, values), (k, v) in zip(self.prefix_kv, kv, strict=True):
+            keys[group, :, self.prefix_len - k.shape[2] :] = k
+            values[group, :, self.prefix_len - v.shape[2] :] = v
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         dummy = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # embeddings are replaced by `x`
-        with blocks_from(self.model, self.layer, x):
-            return self.model.base_model(
-                input_ids=dummy, attention_mask=mask, position_ids=positions, use_cache=True, **self.cache_kwarg
+        eager = "eager" if x.device.type == "cpu" else None
+        with blocks_from(self.runner, self.layer, x), attention_implementation(self.runner, eager):
+            return self.runner.base_model(
+                input_ids=dummy,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self.cache_kwarg: cache},
             )[0]
 
-    def __call__(self, shift: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``(B, S, d)`` of the suffix positions when row ``b`` is shifted by ``shift[b]``."""
-        x = self.suffix_hidden.clone()
-        x[:, 0] += shift
-        try:
-            return self._run(x, self.suffix_pos, self.mask)
-        finally:
-            for cached in self.upper_cache:  # forget the suffix (and its graph), keep the prefix for the next call
-                cached.keys = cached.keys[..., : self.prefix_len, :].detach()
-                cached.values = cached.values[..., : self.prefix_len, :].detach()
+    def buckets(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` grouped by suffix length."""
+        width = self.width[rows]
+        return [rows[width == w] for w in width.unique().tolist()]
+
+    def __call__(self, rows: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(len(rows), S, d)`` of the suffix positions of ``rows`` (one bucket: equal suffix
+        lengths ``S``) when row ``rows[i]`` is shifted by ``shift[i]``."""
+        s = int(self.width[rows[0]])
+        x = self.suffix_hidden[rows, :s].clone()
+        x[:, 0] += shift.to(x.dtype)
+        cache = DynamicCache(config=self.runner.config)
+        p = int(self.start[rows].max())  # the bucket's longest prefix; columns before it are padding for every row
+        if p:
+            upper = [(k[rows, :, self.prefix_len - p :], v[rows, :, self.prefix_len - p :]) for k, v in self.prefix_kv]
+            # The lower layers never run, but masks are sized from cache layer 0: give them the prefix length.
+            for i, cached in enumerate(cache.layers):
+                cached.update(*upper[max(i - self.layer - 1, 0)])
+        suffix_pos = self.suffix_pos[rows, :s]
+        mask = torch.cat([self.prefix_valid[rows, self.prefix_len - p :], torch.ones_like(suffix_pos)], 1)
+        return self._run(x, suffix_pos, mask.long(), cache)
 
 
 StopRule = Literal["loss", "argmax"]
@@ -188,6 +218,7 @@ def compute_targets(
     stop_loss: float = 5e-2,
     stop_prob: float = 0.95,
     kl_variant: KLVariant = "release",
+    runner: PreTrainedModel | None = None,
 ) -> TargetResult:
     """MEMIT's target vectors for all requests of a step, optimised in one batch (DESIGN.md section 4).
 
@@ -197,6 +228,10 @@ def compute_targets(
     ``||delta|| <= clamp_norm_factor * ||h0||``. A request stops (and leaves the batch) by ``stop_rule``: ``loss``
     (the releases': its total loss is below ``stop_loss``) or ``argmax`` (this project's: its new target is the argmax
     at every target token of every template and its geometric-mean probability reaches ``stop_prob``).
+
+    ``runner``: the model that runs the blocks above ``layer`` and the LM head (default ``model``), for example a
+    bfloat16 copy (:func:`reduced_precision_copy`); the residual stream below, ``h0`` and the targets stay in the
+    model's precision.
     """
     n, n_t = len(requests), len(templates)
     prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
@@ -210,39 +245,53 @@ def compute_targets(
 
     block = f"{architecture_of(model).blocks}.{layer}"
     with torch.no_grad():
-        hidden = capture(model, rows, {block: "output"})[block]  # (B, T, d): residual stream after `layer`, run once
-        kl_rows = rows.select(is_kl.nonzero()[:, 0])
-        final = model.base_model(input_ids=kl_rows.input_ids, attention_mask=kl_rows.attention_mask)[0]
-        kl_pos = kl_rows.subject_pos if kl_variant == "release" else kl_rows.last_prompt_pos
-        kl_init = log_softmax_at(model, final[torch.arange(n, device=dev), kl_pos])  # (n, V)
+        hidden = capture(model, rows, {block: "output"}, length_buckets=4)[block]  # (B, T, d): after `layer`, once
     first_rows = torch.arange(0, n * n_t, n_t, device=dev)  # the bare-prompt row ("{}" template) of each request
     h0 = hidden[first_rows, rows.subject_pos[first_rows]]  # (n, d)
     max_norm = clamp_norm_factor * h0.norm(dim=1, keepdim=True)
+    head = runner or model  # what runs the upper blocks and the LM head
+    suffix = _ShiftedSuffix(head, layer, hidden, rows)
+    # what the loss reads, as suffix coordinates (position p of row r is p - start[r]): every target token...
+    t_row, t_pos, t_ids = rows.target_positions()
+    t_off = t_pos - suffix.start[t_row]
+    # ... and the essence position of each KL row
+    k_row = is_kl.nonzero()[:, 0]
+    k_off = (rows.subject_pos if kl_variant == "release" else rows.last_prompt_pos)[k_row] - suffix.start[k_row]
+
+    def final_states(sel: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final hidden states at the target tokens and at the KL rows' essence positions of the rows ``sel``, with
+        ``shift`` (one per request) applied: ``(h_targets, target_index, h_kl)``, target_index into ``t_*``."""
+        h_t, i_t, h_kl = [], [], torch.zeros_like(shift, dtype=suffix.suffix_hidden.dtype)
+        local = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+        for bucket in suffix.buckets(sel):
+            out = suffix(bucket, shift[owner[bucket]])
+            local[bucket] = torch.arange(len(bucket), device=dev)
+            hit = (local[t_row] >= 0).nonzero()[:, 0]
+            h_t.append(out[local[t_row[hit]], t_off[hit]])
+            i_t.append(hit)
+            hit = (local[k_row] >= 0).nonzero()[:, 0]  # KL row j belongs to request j
+            h_kl = h_kl.index_add(0, hit, out[local[k_row[hit]], k_off[hit]])
+            local[bucket] = -1
+        return torch.cat(h_t), torch.cat(i_t), h_kl
+
+    with torch.no_grad():  # the essence distribution before the shift, from the same runner as the loss
+        _, _, h_kl = final_states(torch.arange(len(rows), device=dev), torch.zeros_like(h0))
+        kl_init = log_softmax_at(head, h_kl)  # (n, V): KL row j belongs to request j
 
     delta = torch.zeros_like(h0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     active = torch.ones(n, dtype=torch.bool, device=dev)
     used, prob, tokens = [steps] * n, torch.zeros(n, device=dev), 0
-    runner_for: tuple[torch.Tensor, _ShiftedSuffix] | None = None
     for step in range(steps):
         sel = active[owner].nonzero()[:, 0]
-        sub, sub_owner, sub_kl = rows.select(sel), owner[sel], is_kl[sel]
-        if runner_for is None or not torch.equal(runner_for[0], sel):  # the prefix cache follows the active rows
-            runner_for = (sel, _ShiftedSuffix(model, layer, hidden[sel], sub))
-        runner = runner_for[1]
-        out = runner(delta[sub_owner])  # (B, S, d), suffix coordinates: position p is p - start
-        tokens += int(runner.mask[:, runner.prefix_len :].sum())
-        r, p, ids = sub.target_positions()  # essence rows have no targets
-        log_p = log_softmax_at(model, out[r, p - runner.start[r]])  # (N_tokens, V)
-        token_lp = log_p.gather(1, ids[:, None])[:, 0]
-        tok_owner = sub_owner[r]
+        tokens += int(suffix.width[sel].sum())
+        h_t, i_t, h_kl = final_states(sel, delta)
+        live = active.nonzero()[:, 0]
+        log_p = log_softmax_at(head, torch.cat([h_t, h_kl[live]]))  # one LM head call for the whole step
+        ids, tok_owner = t_ids[i_t], owner[t_row[i_t]]
+        token_lp = log_p[: len(ids)].gather(1, ids[:, None])[:, 0]
         nll = mean_per_row(-token_lp, tok_owner, n)
-        kl_idx = sub_kl.nonzero()[:, 0]
-        kl_pos = (sub.subject_pos if kl_variant == "release" else sub.last_prompt_pos)[kl_idx]
-        kl_lp = log_softmax_at(model, out[kl_idx, kl_pos - runner.start[kl_idx]])
-        kl = torch.zeros(n, device=dev).index_add(
-            0, sub_owner[kl_idx], essence_kl(kl_lp, kl_init[sub_owner[kl_idx]], kl_variant)
-        )
+        kl = torch.zeros(n, device=dev).index_add(0, live, essence_kl(log_p[len(ids) :], kl_init[live], kl_variant))
         decay = weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
         total = nll + kl_factor * kl + decay  # (n,)
         with torch.no_grad():
@@ -250,7 +299,7 @@ def compute_targets(
             if stop_rule == "loss":
                 done = active & (total < stop_loss)
             else:
-                lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (log_p.argmax(-1) != ids).float())
+                lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (log_p[: len(ids)].argmax(-1) != ids).float())
                 done = active & (lost == 0) & (prob >= stop_prob)
             for i in done.nonzero()[:, 0].tolist():
                 used[i] = step

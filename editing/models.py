@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,3 +249,15 @@ def sample_text(
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def reduced_precision_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A frozen copy of ``model`` with its parameters in ``dtype`` (buffers such as rotary frequencies keep theirs).
+
+    For work that only reads weights the editing never changes (the blocks above the last edited layer), where a
+    bfloat16 matmul runs several times faster than float32 (AMX CPUs, tensor cores)."""
+    copy = deepcopy(model)
+    for param in copy.parameters():
+        param.requires_grad_(False)
+        param.data = param.data.to(dtype)
+    return copy.eval()

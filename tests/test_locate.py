@@ -17,7 +17,7 @@ from editing.locate import (
     layer_output_at_subject,
     spread_residual,
 )
-from editing.models import EditedWeight, architecture_of
+from editing.models import EditedWeight, architecture_of, reduced_precision_copy
 from editing.requests import EditRequest
 from editing.rows import encode_rows, target_token_ids
 
@@ -126,6 +126,23 @@ def test_capture_matches_hidden_states_and_manual_hook(tiny_model, char_tokenize
     torch.testing.assert_close(at[_block(tiny_model, 1)], ref.hidden_states[2][idx, rows.subject_pos])
     torch.testing.assert_close(at[mlp], seen["k"][idx, rows.subject_pos])
     assert at[mlp].shape == (2, _d_inner(tiny_model))
+
+
+def test_capture_in_length_buckets_equals_one_padded_batch(tiny_model, char_tokenizer):
+    prompts = ["The capital of Spain is", "Ed speaks", "A", "Much longer: the mother tongue of Ed is", "Bo"]
+    rows = encode_rows(char_tokenizer, prompts, ["Spain", "Ed", "A", "Ed", "Bo"])
+    modules = {_block(tiny_model, 1): "output", EditedWeight(tiny_model, 1).name: "input"}
+    lengths = rows.attention_mask.sum(1)
+    for positions in (None, rows.subject_pos):
+        one = capture(tiny_model, rows, modules, positions)
+        grouped = capture(tiny_model, rows, modules, positions, length_buckets=3)
+        for name in modules:
+            assert grouped[name].shape == one[name].shape
+            if positions is not None:
+                torch.testing.assert_close(grouped[name], one[name], atol=1e-5, rtol=1e-5)
+                continue
+            for b, length in enumerate(lengths.tolist()):  # real positions equal (padding is not scored)
+                torch.testing.assert_close(grouped[name][b, :length], one[name][b, :length], atol=1e-5, rtol=1e-5)
 
 
 def test_capture_stops_after_last_module(tiny_model, char_tokenizer):
@@ -285,6 +302,25 @@ def test_compute_targets_raises_target_probability_and_respects_clamp(tiny_llama
     assert len(tiny_llama.model.layers) == 4
 
 
+def test_compute_targets_with_a_bfloat16_runner_reach_the_target_in_the_float32_model(
+    tiny_llama, char_tokenizer, tiny_requests
+):
+    """The upper blocks may run in reduced precision: the returned targets still do their job in the real model."""
+    reqs, layer = tiny_requests[:2], 1
+    runner = reduced_precision_copy(tiny_llama, torch.bfloat16)
+    assert runner.model.layers[2].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert tiny_llama.model.layers[2].mlp.down_proj.weight.dtype == torch.float32  # the model is not touched
+    with torch.enable_grad():
+        res = compute_targets(
+            tiny_llama, char_tokenizer, reqs, layer, ["{}"], steps=40, stop_rule="argmax", stop_prob=0.5, runner=runner
+        )
+    assert res.z.dtype == torch.float32
+    for j, r in enumerate(reqs):
+        before = _target_nll_with_shift(tiny_llama, char_tokenizer, r, layer, None)
+        after = _target_nll_with_shift(tiny_llama, char_tokenizer, r, layer, res.z[:, j])
+        assert after < before - 0.3, (before, after)
+
+
 def test_compute_targets_clamp_binds(tiny_llama, char_tokenizer, tiny_requests):
     reqs = tiny_requests[:1]
     with torch.enable_grad():
@@ -421,9 +457,12 @@ def test_shifted_suffix_with_cached_prefix_equals_full_upper_run(tiny_model, cha
     with torch.no_grad(), blocks_from(tiny_model, layer, shifted):
         full = tiny_model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)[0]
     runner = _ShiftedSuffix(tiny_model, layer, hidden, rows)
-    for _ in range(2):  # the prefix cache is reused across calls
-        with torch.no_grad():
-            out = runner(shift)
-        for b, length in enumerate(rows.attention_mask.sum(1).tolist()):
-            start = int(rows.subject_pos[b])
-            torch.testing.assert_close(out[b, : length - start], full[b, start:length], atol=1e-4, rtol=1e-4)
+    everyone = torch.arange(len(rows))
+    for subset in (everyone, everyone, everyone[1:]):  # the prefix cache is reused across calls and row subsets
+        for bucket in runner.buckets(subset):  # rows of one suffix length
+            with torch.no_grad():
+                out = runner(bucket, shift[bucket])
+            for i, b in enumerate(bucket.tolist()):
+                start, length = int(rows.subject_pos[b]), int(rows.attention_mask[b].sum())
+                assert out.shape[1] == length - start
+                torch.testing.assert_close(out[i], full[b, start:length], atol=1e-4, rtol=1e-4)

@@ -17,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
@@ -38,11 +38,14 @@ from editing.locate import (
     layer_output_at_subject,
     spread_residual,
 )
-from editing.models import EditedWeight, default_mlp_layers
+from editing.models import EditedWeight, default_mlp_layers, reduced_precision_copy
 from editing.requests import EditRequest
 from editing.stats import load_or_collect_second_moments
 
 log = logging.getLogger(__name__)
+
+TargetPrecision = Literal["model", "bfloat16", "float16"]
+_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class EditMethod(nn.Module, ABC):
@@ -213,6 +216,10 @@ class LocateThenEdit(EditMethod):
         kl_variant: ``release`` (KL(edited || original) at the subject's last token of ``"{subject} is a"``, as the
             releases' ``compute_z``) or ``last_token`` (KL(original || edited) at its last token: this project's
             earlier variant).
+        target_precision: dtype of the blocks above the last edited layer and the LM head during the target
+            optimisation: ``model`` (the model's own) or ``bfloat16``/``float16`` (a frozen copy: locate-then-edit
+            never changes those blocks). Residual stream below, ``h0``, keys, C0 and every solve keep the model's
+            precision (float64 solves). docs/benchmarks.md measures speed and quality.
         key_averaging: ``release`` (keys: the bare prompt weighs 1/2, the generated-prefix templates share 1/2, as the
             releases' ``compute_ks``) or ``flat`` (one mean over every template).
         context_seeds: seed words of the generated context templates (MEMIT: The, Therefore, Because, I, You).
@@ -237,6 +244,7 @@ class LocateThenEdit(EditMethod):
         stop_loss: NonNegativeFloat = 5e-2,
         stop_prob: ClosedUnitInterval = 0.95,
         kl_variant: KLVariant = "release",
+        target_precision: TargetPrecision = "model",
         key_averaging: KeyAveraging = "release",
         context_seeds: list[str] | None = None,
         context_length: PositiveInt = 10,
@@ -260,6 +268,8 @@ class LocateThenEdit(EditMethod):
             stop_prob=stop_prob,
             kl_variant=kl_variant,
         )
+        self.target_precision = target_precision
+        self._runner: tuple[PreTrainedModel] | None = None  # a tuple: the copy is neither a submodule nor state
         self.key_averaging = key_averaging
         self.context_seeds = context_seeds if context_seeds is not None else ["The", "Therefore", "Because", "I", "You"]
         self.context_length = context_length
@@ -294,6 +304,17 @@ class LocateThenEdit(EditMethod):
     def edited_weights(self) -> dict[str, EditedWeight]:
         return self._weights
 
+    def target_runner(self) -> PreTrainedModel | None:
+        """The reduced-precision copy that runs the upper blocks of the target optimisation (``None``: the model).
+
+        Made at the first step, after any checkpoint is restored; the blocks it is read for are never edited."""
+        dtype = _PRECISIONS.get(self.target_precision)
+        if dtype is None or dtype == self.model.dtype:
+            return None
+        if self._runner is None:
+            self._runner = (reduced_precision_copy(self.model, dtype),)
+        return self._runner[0]
+
     def c0(self, i: int) -> torch.Tensor:
         return getattr(self, f"c0_{i}")
 
@@ -305,7 +326,13 @@ class LocateThenEdit(EditMethod):
         start = time.perf_counter()
         with torch.enable_grad():
             result = compute_targets(
-                self.model, self.tokenizer, requests, self.layers[-1], self.templates, **self.target_kwargs
+                self.model,
+                self.tokenizer,
+                requests,
+                self.layers[-1],
+                self.templates,
+                runner=self.target_runner(),
+                **self.target_kwargs,
             )
         self.timings = {"targets": time.perf_counter() - start, "keys": 0.0, "solve": 0.0}
         self._last_targets = result
