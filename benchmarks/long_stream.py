@@ -52,7 +52,7 @@ def stream_args(opts: argparse.Namespace) -> list[str]:
         "--data.path", opts.data, "--data.format", "easyedit", "--data.limit", str(opts.limit),
         "--data.edits_per_step", str(opts.edits_per_step), "--data.shuffle", "true", "--data.seed", str(opts.seed),
         "--model.method.init_args.stats_corpus", opts.corpus, "--model.method.init_args.stats_tokens", "50000",
-        "--model.step_metrics", "false", "--model.fluency", "false",
+        "--model.step_metrics", "false", "--model.fluency", "false", *opts.extra,
     ]  # fmt: skip
 
 
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="order of the stream")
     parser.add_argument("--methods", nargs="+", default=["lyaplock", "memit", "alphaedit"], choices=list(METHODS))
     parser.add_argument("--work-dir", default="runs/long_stream")
+    parser.add_argument("--extra", nargs="*", default=[], help="extra CLI arguments for every run (--extra=--k=v)")
     parser.add_argument("--out", default="docs/long_stream")
     opts = parser.parse_args()
     if not Path(opts.data).exists():

@@ -21,8 +21,16 @@ class _StopForward(Exception):
     """Raised by a hook once every module of interest has run: the rest of the network need not run."""
 
 
-def forward_until(model: PreTrainedModel, module_names: Sequence[str], **inputs: torch.Tensor) -> None:
-    """Run ``model(**inputs)`` only until every named module has produced its output (hooks do the recording)."""
+def forward_until(
+    model: PreTrainedModel,
+    module_names: Sequence[str],
+    context: contextlib.AbstractContextManager | None = None,
+    **inputs: torch.Tensor,
+) -> None:
+    """Run ``model(**inputs)`` only until every named module has produced its output (hooks do the recording).
+
+    ``context`` is entered after the hooks are attached (names are resolved first: :func:`blocks_from` renumbers
+    the blocks)."""
     pending = set(module_names)
 
     def make_hook(name: str):
@@ -35,7 +43,8 @@ def forward_until(model: PreTrainedModel, module_names: Sequence[str], **inputs:
 
     handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in module_names]
     try:
-        model(**inputs, use_cache=False)
+        with context or contextlib.nullcontext():
+            model(**inputs, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -54,6 +63,7 @@ def capture(
     modules: dict[str, str],
     positions: torch.Tensor | None = None,
     length_buckets: int = 1,
+    above: tuple[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inputs or outputs of modules, at one position per row (or every position when ``positions`` is None).
 
@@ -63,6 +73,8 @@ def capture(
         length_buckets: run the rows sorted by length in this many groups, each padded only to its own longest row
             (rows of a step differ by 2x in length: one padded batch ran ~1.6x the real tokens). Without
             ``positions``, positions past a row's end hold its group's padding states or zeros: mask them.
+        above: ``(layer, hidden)``: run only the blocks above ``layer``, fed the residual stream ``hidden``
+            ``(B, T, d)`` after it (:func:`blocks_from`); module names keep the model's own numbering.
 
     Returns:
         module path -> ``(B, d)`` (or ``(B, T, d)`` without positions). The forward pass stops after the last module.
@@ -92,7 +104,8 @@ def capture(
 
     handles = [model.get_submodule(n).register_forward_hook(make_hook(n, kind)) for n, kind in modules.items()]
     try:
-        forward_until(model, list(modules), input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+        context = None if above is None else blocks_from(model, *above)
+        forward_until(model, list(modules), context, input_ids=rows.input_ids, attention_mask=rows.attention_mask)
     finally:
         for h in handles:
             h.remove()

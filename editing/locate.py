@@ -57,6 +57,15 @@ def average_template_keys(k: torch.Tensor, averaging: KeyAveraging = "release") 
     return (k[:, 0] + k[:, 1:].mean(1)) / 2
 
 
+def _key_rows(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str], device: torch.device
+) -> EncodedRows:
+    """Every template filled with every request's prompt, request-major (the bare ``"{}"`` template first)."""
+    prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
+    subjects = [r.subject for r in requests for _ in templates]
+    return encode_rows(tokenizer, prompts, subjects, device=device)
+
+
 def compute_keys(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,9 +76,7 @@ def compute_keys(
 ) -> torch.Tensor:
     """Keys ``K: (d_k, n)``: input of the edited projection at the last subject token, averaged over the templates
     (:func:`average_template_keys`)."""
-    prompts = [t.replace("{}", r.prompt).replace("{}", r.subject, 1) for r in requests for t in templates]
-    subjects = [r.subject for r in requests for _ in templates]
-    rows = encode_rows(tokenizer, prompts, subjects, device=model.device)
+    rows = _key_rows(tokenizer, requests, templates, model.device)
     k = capture(model, rows, {module_name: "input"}, rows.subject_pos, length_buckets=4)[module_name]  # (n * n_t, d_k)
     return average_template_keys(k.view(len(requests), len(templates), -1), averaging).T
 
@@ -81,6 +88,54 @@ def layer_output_at_subject(
     block = f"{architecture_of(model).blocks}.{layer}"
     rows = encode_rows(tokenizer, [r.text for r in requests], [r.subject for r in requests], device=model.device)
     return capture(model, rows, {block: "output"}, rows.subject_pos, length_buckets=4)[block].T
+
+
+class LayerWalk:
+    """Keys and residuals of the edited layers in order, while the caller updates each layer in turn.
+
+    :func:`compute_keys` for layer ``i`` after layers below it were updated reruns every block up to ``i``: summed
+    over five layers, 30 block passes of every template row. The walk keeps the residual stream before the layer it
+    is at and runs each block only to move past it (13 passes for blocks 3-7): the same keys, from the same weights.
+    The caller must update layers in ascending order and call :meth:`keys` before changing layer ``i``.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        templates: Sequence[str],
+        averaging: KeyAveraging = "release",
+    ) -> None:
+        self.model, self.averaging, self.n, self.n_t = model, averaging, len(requests), len(templates)
+        self.rows = _key_rows(tokenizer, requests, templates, model.device)
+        self.blocks = architecture_of(model).blocks
+        self.below, self.hidden = -1, None  # residual stream after block `below` (-1: the start of the model)
+
+    def _capture(self, rows: torch.Tensor, modules: dict[str, str], positions: torch.Tensor | None = None) -> dict:
+        sub = self.rows.select(rows)
+        above = None if self.hidden is None else (self.below, self.hidden[rows, : sub.input_ids.shape[1]])
+        return capture(self.model, sub, modules, positions, above=above)
+
+    def keys(self, layer: int, module_name: str) -> torch.Tensor:
+        """``K: (d_k, n)`` of the projection ``module_name`` in block ``layer``, with the weights as they are now."""
+        everyone = torch.arange(len(self.rows), device=self.rows.input_ids.device)
+        modules = {module_name: "input"}
+        if layer - 1 > self.below:
+            modules[f"{self.blocks}.{layer - 1}"] = "output"
+        found = self._capture(everyone, modules)
+        if layer - 1 > self.below:
+            self.below, self.hidden = layer - 1, found[f"{self.blocks}.{layer - 1}"]
+        k = found[module_name][everyone, self.rows.subject_pos]
+        return average_template_keys(k.view(self.n, self.n_t, -1), self.averaging).T
+
+    def output_at_subject(self, layer: int) -> torch.Tensor:
+        """``h: (d, n)``: the residual stream after block ``layer`` at the last subject token of each bare prompt."""
+        bare = torch.arange(0, self.n * self.n_t, self.n_t, device=self.rows.input_ids.device)
+        block = f"{self.blocks}.{layer}"
+        if layer == self.below:
+            return self.hidden[bare, self.rows.subject_pos[bare]].T
+        return self._capture(bare, {block: "output"}, self.rows.subject_pos[bare])[block].T
 
 
 def spread_residual(z: torch.Tensor, h: torch.Tensor, i: int, n_layers: int) -> torch.Tensor:

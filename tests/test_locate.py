@@ -10,6 +10,7 @@ import torch
 
 from editing.forward import blocks_from, capture
 from editing.locate import (
+    LayerWalk,
     average_template_keys,
     compute_keys,
     compute_targets,
@@ -466,3 +467,19 @@ def test_shifted_suffix_with_cached_prefix_equals_full_upper_run(tiny_model, cha
                 start, length = int(rows.subject_pos[b]), int(rows.attention_mask[b].sum())
                 assert out.shape[1] == length - start
                 torch.testing.assert_close(out[i], full[b, start:length], atol=1e-4, rtol=1e-4)
+
+
+def test_layer_walk_gives_the_keys_and_residuals_of_a_full_rerun_after_each_update(
+    tiny_llama, char_tokenizer, tiny_requests
+):
+    """The walk reuses the residual stream below the layer it is at; every value must equal a fresh forward pass."""
+    reqs, templates, layers = tiny_requests[:3], ["{}", "Once. {}"], [0, 2]
+    walk = LayerWalk(tiny_llama, char_tokenizer, reqs, templates)
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:
+        weight = EditedWeight(tiny_llama, layer)
+        expected_keys = compute_keys(tiny_llama, char_tokenizer, reqs, weight.name, templates)
+        torch.testing.assert_close(walk.keys(layer, weight.name), expected_keys, atol=1e-5, rtol=1e-5)
+        expected_h = layer_output_at_subject(tiny_llama, char_tokenizer, reqs, 3)
+        torch.testing.assert_close(walk.output_at_subject(3), expected_h, atol=1e-5, rtol=1e-5)
+        weight.add(0.5 * torch.randn(weight.get().shape, generator=generator))  # the update the next layer must see

@@ -30,12 +30,11 @@ from editing.corpus import load_corpus
 from editing.locate import (
     KeyAveraging,
     KLVariant,
+    LayerWalk,
     StopRule,
     TargetResult,
-    compute_keys,
     compute_targets,
     generate_context_templates,
-    layer_output_at_subject,
     spread_residual,
 )
 from editing.models import EditedWeight, default_mlp_layers, reduced_precision_copy
@@ -219,7 +218,8 @@ class LocateThenEdit(EditMethod):
         target_precision: dtype of the blocks above the last edited layer and the LM head during the target
             optimisation: ``model`` (the model's own) or ``bfloat16``/``float16`` (a frozen copy: locate-then-edit
             never changes those blocks). Residual stream below, ``h0``, keys, C0 and every solve keep the model's
-            precision (float64 solves). docs/benchmarks.md measures speed and quality.
+            precision (float64 solves). Default ``bfloat16``: on 100 CounterFact edits in one step it ran the targets
+            1.63x faster with the same metrics to 0.2 points (docs/benchmarks.md).
         key_averaging: ``release`` (keys: the bare prompt weighs 1/2, the generated-prefix templates share 1/2, as the
             releases' ``compute_ks``) or ``flat`` (one mean over every template).
         context_seeds: seed words of the generated context templates (MEMIT: The, Therefore, Because, I, You).
@@ -244,7 +244,7 @@ class LocateThenEdit(EditMethod):
         stop_loss: NonNegativeFloat = 5e-2,
         stop_prob: ClosedUnitInterval = 0.95,
         kl_variant: KLVariant = "release",
-        target_precision: TargetPrecision = "model",
+        target_precision: TargetPrecision = "bfloat16",
         key_averaging: KeyAveraging = "release",
         context_seeds: list[str] | None = None,
         context_length: PositiveInt = 10,
@@ -352,12 +352,11 @@ class LocateThenEdit(EditMethod):
     def apply(self, requests: Sequence[EditRequest], plan: TargetResult) -> None:
         z = plan.z.double()
         n = len(self.layers)
+        walk = LayerWalk(self.model, self.tokenizer, requests, self.templates, self.key_averaging)
         for i, (name, weight) in enumerate(self._weights.items()):
             start = time.perf_counter()
-            keys = compute_keys(  # (d_k, n)
-                self.model, self.tokenizer, requests, name, self.templates, self.key_averaging
-            ).double()
-            h = layer_output_at_subject(self.model, self.tokenizer, requests, self.layers[-1]).double()  # (d, n)
+            keys = walk.keys(self.layers[i], name).double()  # (d_k, n)
+            h = walk.output_at_subject(self.layers[-1]).double()  # (d, n)
             resid = spread_residual(z, h, i, n)  # (d_v, n)
             mid = time.perf_counter()
             delta = self.solve(i, weight.get().double(), keys, resid)
