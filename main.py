@@ -35,6 +35,7 @@ from editing import EditDataModule, EditingModule
 from editing.api import TRAINER_DEFAULTS, default_loggers
 from editing.arguments import plain_config
 from editing.export import ExportTransform, export_model
+from editing.launch import check_launch
 from editing.models import check_model_name
 
 
@@ -111,6 +112,12 @@ class EditingCLI(LightningCLI):
     @override
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def before_fit(self) -> None:
+        """Refuse a strategy or precision closed-form editing cannot use before Lightning launches any process."""
+        check_launch(self.trainer)
+
+    before_validate = before_fit
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:

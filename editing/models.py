@@ -238,8 +238,14 @@ def sample_text(
     without touching the global random state.
     """
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Only the generators sampling uses are seeded and restored (torch.manual_seed would reseed every CUDA device).
+    cuda = model.device.type == "cuda"
+    index = (model.device.index if model.device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         out = model.generate(
             **batch,
             do_sample=True,

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arguments import check_arguments
 from editing.cache import default_cache_dir
 from editing.data import EditDataModule, EditStream, IndexedRequest
+from editing.launch import check_launch
 from editing.methods.base import EditMethod, build_method, method_config
 from editing.metrics import (
     HitRate,
@@ -181,7 +182,9 @@ class EditingModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
-            self.model.to(self.device)
+            # the trainer's device, not self.device: the module has no parameter on it yet, and the method's set-up
+            # (templates, C0) runs now, under the strategy's device context
+            self.model.to(self.trainer.strategy.root_device if self._trainer is not None else self.device)
         if not self.method.bound:
             self.method.setup(self.model, self.tokenizer, self._model_id or self.model_name, self.cache_dir)
             self._check_stream()
@@ -213,6 +216,7 @@ class EditingModule(LightningModule):
             self._check_stream()
 
     def setup(self, stage: str) -> None:
+        check_launch(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self._stream is None and isinstance(datamodule, EditDataModule):
             self.stream = datamodule.stream()

@@ -12,6 +12,7 @@ import torch
 from helpers import tiny_fit_args, tiny_ft_args
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from editing.data import EditDataModule
@@ -140,7 +141,12 @@ def test_wandb_charts_plot_every_metric_against_the_number_of_edits(tmp_path):
     experiment = mock.MagicMock()
     with mock.patch.object(WandbLogger, "experiment", new_callable=mock.PropertyMock, return_value=experiment):
         module = EditingModule(method=SimpleNamespace())
-        module._trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path), logger], datamodule=None)
+        module._trainer = SimpleNamespace(
+            loggers=[CSVLogger(tmp_path), logger],
+            datamodule=None,
+            strategy=SingleDeviceStrategy(torch.device("cpu")),
+            precision="32-true",
+        )
         module.setup("fit")
     assert experiment.define_metric.call_args_list == [
         mock.call("edits/total"),
