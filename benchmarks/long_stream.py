@@ -132,7 +132,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="order of the stream")
     parser.add_argument("--methods", nargs="+", default=["lyaplock", "memit", "alphaedit"], choices=list(METHODS))
     parser.add_argument("--work-dir", default="runs/long_stream")
-    parser.add_argument("--extra", nargs="*", default=[], help="extra CLI arguments for every run (--extra=--k=v)")
+    parser.add_argument(
+        "--extra", action="append", default=[], help="an extra CLI argument for every run (--extra=--k=v, repeatable)"
+    )
     parser.add_argument("--out", default="docs/long_stream")
     opts = parser.parse_args()
     if not Path(opts.data).exists():
