@@ -1,5 +1,5 @@
-"""What a closed-form editing run can be launched with: refused strategies and precisions, one line each, before the
-model is loaded or anything is edited.
+"""What a closed-form editing run can be launched with: refused strategies, precisions and evaluation intervals, one
+line each, before the model is loaded or anything is edited.
 
 An edit step is a float64 solve on whole weight matrices, not a gradient step: Lightning's mixed precision (autocast
 plus a gradient scaler that calls ``optimizer.step`` without its closure) and sharded strategies (FSDP, DeepSpeed:
@@ -28,6 +28,12 @@ def check_launch(trainer: Trainer) -> None:
         else:
             reason = "closed-form editing needs every edited matrix whole in one process; use --trainer.devices 1"
         raise ValueError(f"trainer.strategy: {name} ({trainer.world_size} processes) is not supported: {reason}")
+    interval = trainer.val_check_interval
+    if isinstance(interval, (int, float)) and interval <= 0:
+        raise ValueError(
+            f"trainer.val_check_interval: {interval} never evaluates; give N >= 1 edit steps between evaluations, "
+            "or leave it out to evaluate once, after the last edit"
+        )
     precision = str(trainer.precision)
     if precision not in SUPPORTED_PRECISIONS:
         raise ValueError(

@@ -24,6 +24,7 @@ def test_single_process_float32_is_accepted() -> None:
         ({"precision": "bf16-mixed"}, "trainer.precision: 'bf16-mixed' cannot apply to closed-form editing"),
         ({"precision": "16-mixed"}, "trainer.precision: '(bf)?16-mixed' cannot apply"),  # bf16 on a CPU
         ({"precision": "bf16-true"}, "--model.dtype bfloat16"),
+        ({"val_check_interval": 0}, "trainer.val_check_interval: 0 never evaluates"),
     ],
 )
 def test_unsupported_launch_is_refused(settings: dict, message: str) -> None:
