@@ -146,6 +146,7 @@ def test_wandb_charts_plot_every_metric_against_the_number_of_edits(tmp_path):
             datamodule=None,
             strategy=SingleDeviceStrategy(torch.device("cpu")),
             precision="32-true",
+            val_check_interval=1.0,
         )
         module.setup("fit")
     assert experiment.define_metric.call_args_list == [
