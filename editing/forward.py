@@ -81,10 +81,11 @@ def capture(
     """
     if length_buckets > 1 and len(rows) > length_buckets:
         order = rows.attention_mask.sum(1).argsort()
-        parts = [
-            (g, capture(model, rows.select(g), modules, None if positions is None else positions[g]))
-            for g in order.tensor_split(length_buckets)
-        ]
+        parts = []
+        for g in order.tensor_split(length_buckets):
+            part = rows.select(g)
+            part_above = None if above is None else (above[0], above[1][g, : part.input_ids.shape[1]])
+            parts.append((g, capture(model, part, modules, None if positions is None else positions[g], 1, part_above)))
         found = {}
         for name in modules:
             shape = (len(rows), *parts[-1][1][name].shape[1:])  # the last group holds the longest rows

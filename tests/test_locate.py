@@ -134,9 +134,11 @@ def test_capture_in_length_buckets_equals_one_padded_batch(tiny_model, char_toke
     rows = encode_rows(char_tokenizer, prompts, ["Spain", "Ed", "A", "Ed", "Bo"])
     modules = {_block(tiny_model, 1): "output", EditedWeight(tiny_model, 1).name: "input"}
     lengths = rows.attention_mask.sum(1)
-    for positions in (None, rows.subject_pos):
-        one = capture(tiny_model, rows, modules, positions)
-        grouped = capture(tiny_model, rows, modules, positions, length_buckets=3)
+    below = _block(tiny_model, 0)
+    shifted = capture(tiny_model, rows, {below: "output"})[below] + 1.0  # not the model's own: `above` must count
+    for positions, above in ((None, None), (rows.subject_pos, None), (rows.subject_pos, (0, shifted))):
+        one = capture(tiny_model, rows, modules, positions, above=above)
+        grouped = capture(tiny_model, rows, modules, positions, length_buckets=3, above=above)
         for name in modules:
             assert grouped[name].shape == one[name].shape
             if positions is not None:
