@@ -257,6 +257,10 @@ def sample_text(
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Parameter dtypes by the names configs use (``--model.dtype``, ``target_precision``)."""
+
+
 def reduced_precision_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """A frozen copy of ``model`` with its parameters in ``dtype`` (buffers such as rotary frequencies keep theirs).
 

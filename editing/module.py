@@ -41,12 +41,11 @@ from editing.metrics import (
     locality_predictions,
     score_requests,
 )
-from editing.models import EMBEDDED_MODEL, load_model, prepare_model, weights_fingerprint
+from editing.models import DTYPES, EMBEDDED_MODEL, load_model, prepare_model, weights_fingerprint
 from editing.requests import EditRequest
 from editing.rows import check_lengths
 
 SCORES = ("efficacy", "generalization", "specificity", "locality")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ClosedFormStep(torch.optim.Optimizer):
@@ -158,7 +157,7 @@ class EditingModule(LightningModule):
             **kwargs: the other constructor arguments (``stream``, ``step_metrics``, ...).
         """
         kwargs.setdefault("model_name", model.name_or_path or "in-memory")
-        kwargs.setdefault("dtype", next((k for k, v in _DTYPES.items() if v == model.dtype), "float32"))
+        kwargs.setdefault("dtype", next((k for k, v in DTYPES.items() if v == model.dtype), "float32"))
         module = cls(method, **kwargs)
         module.model, module.tokenizer = prepare_model(model, tokenizer)
         module._model_id = f"{module.model_name}@{weights_fingerprint(model)}"
@@ -181,7 +180,7 @@ class EditingModule(LightningModule):
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_model(self.model_name, _DTYPES[self.dtype_name], self.cache_dir)
+            self.model, self.tokenizer = load_model(self.model_name, DTYPES[self.dtype_name], self.cache_dir)
             # the trainer's device, not self.device: the module has no parameter on it yet, and the method's set-up
             # (templates, C0) runs now, under the strategy's device context
             self.model.to(self.trainer.strategy.root_device if self._trainer is not None else self.device)

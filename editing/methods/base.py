@@ -37,14 +37,13 @@ from editing.locate import (
     generate_context_templates,
     spread_residual,
 )
-from editing.models import EditedWeight, default_mlp_layers, reduced_precision_copy
+from editing.models import DTYPES, EditedWeight, default_mlp_layers, reduced_precision_copy
 from editing.requests import EditRequest
 from editing.stats import load_or_collect_second_moments
 
 log = logging.getLogger(__name__)
 
 TargetPrecision = Literal["model", "bfloat16", "float16"]
-_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class EditMethod(nn.Module, ABC):
@@ -308,7 +307,7 @@ class LocateThenEdit(EditMethod):
         """The reduced-precision copy that runs the upper blocks of the target optimisation (``None``: the model).
 
         Made at the first step, after any checkpoint is restored; the blocks it is read for are never edited."""
-        dtype = _PRECISIONS.get(self.target_precision)
+        dtype = DTYPES.get(self.target_precision)  # None for "model"
         if dtype is None or dtype == self.model.dtype:
             return None
         if self._runner is None:
