@@ -23,6 +23,7 @@ from typing import NoReturn
 
 import torch
 import wandb
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -35,7 +36,7 @@ from editing import EditDataModule, EditingModule
 from editing.api import TRAINER_DEFAULTS, default_loggers
 from editing.arguments import plain_config
 from editing.export import ExportTransform, export_model
-from editing.launch import check_launch
+from editing.launch import EditingDDPStrategy, check_launch
 from editing.models import check_model_name
 
 
@@ -113,6 +114,13 @@ class EditingCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
+    @override
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.strategy ddp` means editing's DDP: Lightning's would wrap the module for gradients it never has
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("trainer.strategy") == "ddp":
+            config["trainer.strategy"] = EditingDDPStrategy.strategy_name
+
     def before_fit(self) -> None:
         """Refuse a strategy or precision closed-form editing cannot use before Lightning launches any process."""
         check_launch(self.trainer)
@@ -158,7 +166,10 @@ class EditingCLI(LightningCLI):
         # (the link above), the loggers and callbacks create no directory until the run starts, and the model, caches
         # and logs are not touched yet.
         check_model_name(self.model.model_name)
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # e.g. more devices than the machine has: one line, as bad input
+            raise ValueError(f"trainer.accelerator/devices/strategy: {err}") from err
 
     @override
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:

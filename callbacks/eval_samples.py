@@ -45,7 +45,7 @@ class EvalSamples(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or batch_idx != 0 or not _wandb_loggers(trainer):
+        if trainer.sanity_checking or batch_idx != 0 or not trainer.is_global_zero or not _wandb_loggers(trainer):
             return
         self._rows = self.rows(pl_module)
 

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from editing.distributed import gather_lists, share
 from editing.forward import target_log_probs
 from editing.rows import EncodedRows, mean_per_row, pad_right, target_token_ids
 
@@ -260,7 +261,8 @@ def predict(
     """The best-scoring label of every example of ``task`` (the first on ties), and how many prompts were cut.
 
     A prompt that would not fit the model's positions with its longest label is cut at the start (its end holds
-    the question and the answer cue).
+    the question and the answer cue). In a multi-process run each rank scores its share of the examples and the
+    predictions are gathered (collective).
     """
     label_ids = [target_token_ids(tokenizer, label) for label in task.labels]
     limit = _max_positions(model)
@@ -270,13 +272,15 @@ def predict(
     if room is not None:
         cut = sum(len(ids) > room for ids in prompt_ids)
         prompt_ids = [ids[-room:] for ids in prompt_ids]
+    mine = share(prompt_ids)
     was_training = model.training
     model.eval()
     try:
-        scores = label_log_probs(model, prompt_ids, label_ids, tokenizer.pad_token_id or 0, batch_size)
+        scores = label_log_probs(model, mine, label_ids, tokenizer.pad_token_id or 0, batch_size) if mine else None
     finally:
         model.train(was_training)
-    return scores.argmax(1).tolist(), cut  # argmax returns the first maximum
+    predicted = scores.argmax(1).tolist() if scores is not None else []  # argmax returns the first maximum
+    return gather_lists(predicted), cut
 
 
 def task_score(task: TaskExamples, predicted: Sequence[int]) -> float:
@@ -453,7 +457,7 @@ class GeneralAbility(Callback):
         if trainer.sanity_checking or not self.load():
             return
         for name, value in self._measure(pl_module).items():
-            pl_module.log(f"general/{name}", value)
+            pl_module.log(f"general/{name}", value, sync_dist=True)  # equal on every rank: no warning
 
     @override
     def state_dict(self) -> dict[str, Any]:

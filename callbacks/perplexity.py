@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from editing.arguments import check_arguments
 from editing.corpus import file_texts, load_corpus
+from editing.distributed import share, sum_across
 from editing.rows import pad_right
 from editing.stats import token_chunks
 
@@ -37,16 +38,19 @@ def held_out_perplexity(
 
     Every token of a chunk but its first is predicted from the ones before it; chunks are right-padded into batches
     and the padding is masked out of the attention and of the sum, so the value does not depend on ``batch_size``.
+    In a multi-process run each rank scores its share of the chunks and the sums are all-reduced (collective).
     """
     nll, count = 0.0, 0
-    for start in range(0, len(chunks), batch_size):
-        batch = chunks[start : start + batch_size]
+    mine = share(chunks)
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start : start + batch_size]
         ids, mask = pad_right(batch, pad_token_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (b, width, vocab)
         predicted = mask[:, 1:].bool()  # (b, width - 1): targets that are real tokens
         scores = logits[:, :-1][predicted].double()  # (tokens, vocab), only the predicted positions upcast
         nll += float(F.cross_entropy(scores, ids[:, 1:][predicted], reduction="sum"))
         count += int(predicted.sum())
+    nll, count = sum_across(torch.tensor([nll, count], dtype=torch.float64, device=model.device)).tolist()
     if count == 0:
         raise ValueError("held-out perplexity: no token to predict (every chunk is shorter than two tokens)")
     return math.exp(nll / count)
@@ -158,7 +162,7 @@ class HeldOutPerplexity(Callback):
             return
         value = self.compute(pl_module)
         self.history.append({"edits": int(pl_module.edits_done), "perplexity": value})
-        pl_module.log("val/perplexity", value)
+        pl_module.log("val/perplexity", value, sync_dist=True)  # equal on every rank: no warning
 
     @override
     def state_dict(self) -> dict[str, Any]:

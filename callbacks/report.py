@@ -49,7 +49,13 @@ class RunReport(Callback):
         self._eval_started = time.perf_counter()
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.write(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Read once every epoch-end hook has logged (the module logs its scores after the callbacks' hooks), and
+        # written after every evaluation, so a long run cut short still leaves its curves.
         if trainer.sanity_checking:
             return
         metrics = {
@@ -59,15 +65,7 @@ class RunReport(Callback):
         }
         seconds = time.perf_counter() - self._eval_started
         self.evaluations.append({"edits": int(pl_module.edits_done), "metrics": metrics, "seconds": seconds})
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.write(trainer, pl_module)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:  # after every evaluation, so a long run cut short still leaves its curves
-            self.write(trainer, pl_module)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         stream = pl_module.stream

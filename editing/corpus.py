@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import atomic_path
+from editing.distributed import machine_lock
 from editing.models import sample_text
 from editing.stats import corpus_fingerprint
 
@@ -83,9 +84,16 @@ def _model_sample(
     """Sample ``tokens`` tokens of free text from the model (temperature 1), cached per model, size and seed."""
     fingerprint = f"{model.config.model_type}-{model.config.hidden_size}-{model.num_parameters()}"
     path = cache_dir / "corpus" / f"model-sample-{fingerprint}-{tokens}-{seed}.json"
-    if path.exists():
-        texts = json.loads(path.read_text())
-        return texts, corpus_fingerprint(texts)
+    with machine_lock(path):  # the processes of a multi-process run sample it once
+        if not path.exists():
+            _write_model_sample(model, tokenizer, tokens, seed, path)
+    texts = json.loads(path.read_text())
+    return texts, corpus_fingerprint(texts)
+
+
+def _write_model_sample(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokens: int, seed: int, path: Path
+) -> None:
     n_seq = -(-tokens // _SAMPLE_LENGTH)
     log.info("Sampling a %d-token corpus from the model for C0 (once; cached in %s)", tokens, path)
     texts: list[str] = []
@@ -96,4 +104,3 @@ def _model_sample(
             bar.update(len(prompts))
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(texts))
-    return texts, corpus_fingerprint(texts)

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from editing.arguments import check_arguments
 from editing.requests import EditRequest, builtin_requests, detect_format, read_requests
@@ -28,12 +28,21 @@ def _as_batch(items: list[IndexedRequest]) -> list[IndexedRequest]:
     return items
 
 
+class WholeStreamSampler(DistributedSampler):
+    """Every rank reads the whole stream in order: the ranks of a multi-process run split the work inside each edit
+    step and evaluation batch (:mod:`editing.distributed`), not the batches. Being a ``DistributedSampler``, Lightning
+    keeps it instead of injecting one that would give each rank other edits (and pad with repeated ones)."""
+
+    def __init__(self, items: Sequence[IndexedRequest]) -> None:
+        super().__init__(items, num_replicas=1, rank=0, shuffle=False)
+
+
 class StreamLoader(DataLoader):
     """The training stream: remembers how many batches were consumed, so a run resumed from a mid-stream checkpoint
     continues at the next edit instead of re-applying the stream from its start (Lightning reads ``state_dict``)."""
 
     def __init__(self, items: list[IndexedRequest], batch_size: int) -> None:
-        super().__init__(items, batch_size=batch_size, shuffle=False, collate_fn=_as_batch)
+        super().__init__(items, batch_size=batch_size, sampler=WholeStreamSampler(items), collate_fn=_as_batch)
         self._skip = 0
         self._consumed = 0
 
@@ -206,7 +215,7 @@ class EditDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         items = list(enumerate(self.requests))
-        return DataLoader(items, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_as_batch)
+        return DataLoader(items, self.eval_batch_size, sampler=WholeStreamSampler(items), collate_fn=_as_batch)
 
     def state_dict(self) -> dict:
         return {"stream_id": self.stream_id, "edits_per_step": self.edits_per_step}

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.cache import default_cache_dir
+from editing.distributed import machine_lock
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,9 @@ def resolve_source(model_name: str, cache_dir: Path) -> str:
         stamp = hashlib.sha256(f"{gguf.stat().st_size}-{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
         target = cache_dir / "models" / f"{EMBEDDED_MODEL}-{stamp}"
         if not (target / "config.json").exists():
-            _convert_embedded(target)
+            with machine_lock(target):  # the processes of a multi-process run convert it once
+                if not (target / "config.json").exists():
+                    _convert_embedded(target)
         return str(target)
     path = Path(model_name).expanduser()
     return str(path) if path.exists() else model_name

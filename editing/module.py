@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arguments import check_arguments
 from editing.cache import default_cache_dir
 from editing.data import EditDataModule, EditStream, IndexedRequest
+from editing.distributed import any_across, gather_lists, replicas_agree, share, sum_across
 from editing.launch import check_launch
 from editing.methods.base import EditMethod, build_method, method_config
 from editing.metrics import (
@@ -86,6 +87,9 @@ class EditingModule(LightningModule):
             edit. ``None``: every edit at every evaluation.
         eval_seed: seed of that sample (one fixed order of the stream: an edit in the sample stays in it while the
             sample is not full).
+        check_replicas: in a multi-process run, compare a checksum of every edited weight and method state across
+            the ranks after each edit step and stop at the first difference (one all-reduce per step: a debug check
+            that the replicas apply the same update).
         stream: the edit stream the module edits and scores (:meth:`EditDataModule.stream`); the command line links
             it from ``data`` (it is not a hyperparameter); in Python, pass ``data.stream()``, or leave it out and the
             module takes the stream of the data module it first runs with (e.g. after ``load_from_checkpoint``).
@@ -105,6 +109,7 @@ class EditingModule(LightningModule):
         fluency_sampling: Sampling = "top5",
         eval_sample: PositiveInt | None = None,
         eval_seed: int = 0,
+        check_replicas: bool = False,
         stream: EditStream | None = None,
     ) -> None:
         super().__init__()
@@ -126,6 +131,7 @@ class EditingModule(LightningModule):
         self.fluency_sampling = fluency_sampling
         self.eval_sample = eval_sample
         self.eval_seed = eval_seed
+        self.check_replicas = check_replicas
         self._ranks: torch.Tensor | None = None  # every edit's place in the seeded sample order
         self._scored_below: int | None = None  # this evaluation scores the edits whose place is below this
         self._scored = 0  # edits scored by this evaluation
@@ -242,6 +248,8 @@ class EditingModule(LightningModule):
         requests = [r for _, r in batch]
         self.optimizers().step(closure=lambda: (requests, self.method.prepare(requests)))
         self.edits_done += len(requests)
+        if self.check_replicas:
+            self._check_replicas()
         values = {f"time/{k}": v for k, v in self.method.timings.items()}
         values.update(self.method.step_log())
         values["edits/total"] = float(self.edits_done)
@@ -251,6 +259,13 @@ class EditingModule(LightningModule):
                 values[f"train/{name}"] = hits.float().mean().item()
             values["time/step_metrics"] = time.perf_counter() - start
         self.log_dict(values, batch_size=len(batch))
+
+    def _check_replicas(self) -> None:
+        state = [*(w.get() for w in self.method.edited_weights().values()), *self.method.buffers()]
+        if not replicas_agree(state):
+            raise RuntimeError(
+                f"check_replicas: the ranks' edited weights or method state differ after {int(self.edits_done)} edits"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [w.parameter for w in self.method.edited_weights().values()]
@@ -268,25 +283,32 @@ class EditingModule(LightningModule):
     def validation_step(self, batch: list[IndexedRequest], batch_idx: int) -> None:
         done = int(self.edits_done)
         every = done == 0 or self.stream.scored == "all"
-        requests = [r for i, r in batch if (every or i < done) and self._in_sample(i)]
+        # every rank reads the whole batch and scores its share of it (no request twice)
+        requests = share([r for i, r in batch if (every or i < done) and self._in_sample(i)])
         if not requests:
             return
         self._scored += len(requests)
         for name, hits in self._score(requests).items():
             if hits.numel():
                 self.val_scores[name].update(hits)
-                self.log(f"val/{name}", self.val_scores[name], batch_size=len(requests))
         if self.fluency and any(r.generation_prompts for r in requests):
             # Seeded by batch so that batches do not repeat each other's draws; the same stream gives the same texts.
             scores = fluency_scores(
                 self.model, self.tokenizer, requests, self.fluency_max_length, self.fluency_sampling, seed=batch_idx
             )
             self.val_scores["fluency"].update(scores)
-            self.log("val/fluency", self.val_scores["fluency"], batch_size=len(scores))
 
     def on_validation_epoch_end(self) -> None:
-        self.log("edits/total", float(self.edits_done))
-        self.log("val/scored_edits", float(self._scored))  # the sample's size at this evaluation
+        # Computed here on every rank, not logged per batch: a rank whose shares held no probe of some kind must
+        # still join that score's all-reduce (torchmetrics syncs the sums in compute); the values are then equal on
+        # every rank (sync_dist only keeps Lightning from warning about epoch-level values in a distributed run).
+        for name, metric in self.val_scores.items():
+            if any_across(metric.update_count > 0):
+                self.log(f"val/{name}", metric.compute(), sync_dist=True)
+            metric.reset()
+        self.log("edits/total", float(self.edits_done), sync_dist=True)
+        scored = sum_across(torch.tensor(float(self._scored), dtype=torch.float64, device=self.edits_done.device))
+        self.log("val/scored_edits", float(scored), sync_dist=True)  # the sample's size at this evaluation
 
     def _sample_cut(self) -> int | None:
         """The place bound of this evaluation's sample: the ``eval_sample`` edits made so far that come first in one
@@ -329,7 +351,9 @@ class EditingModule(LightningModule):
         edited = {r.case_id for r in stream.requests[: int(self.edits_done)]} if stream.scored == "edited" else set()
         if any(r.case_id in edited for r in missing):
             raise ValueError("locality: the checkpoint has no unedited reference predictions for this stream")
-        self.locality_reference.update(locality_predictions(self.model, self.tokenizer, missing))
+        mine = share(missing)  # each rank predicts its share, every rank keeps all
+        predicted = locality_predictions(self.model, self.tokenizer, mine) if mine else {}
+        self.locality_reference.update(gather_lists(list(predicted.items())))
 
     # -- checkpoints: edited weights + method state only ---------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arguments import check_arguments, plain_config
 from editing.corpus import load_corpus
+from editing.distributed import gather_columns, gather_lists, share, sum_across
 from editing.locate import (
     KeyAveraging,
     KLVariant,
@@ -322,17 +323,31 @@ class LocateThenEdit(EditMethod):
 
     # -- one step ----------------------------------------------------------------------------------------------
     def prepare(self, requests: Sequence[EditRequest]) -> TargetResult:
+        """The step's targets; in a multi-process run each rank optimises its share and every rank gets them all (the
+        targets of a request do not depend on the others of its batch: their losses are summed)."""
         start = time.perf_counter()
-        with torch.enable_grad():
-            result = compute_targets(
-                self.model,
-                self.tokenizer,
-                requests,
-                self.layers[-1],
-                self.templates,
-                runner=self.target_runner(),
-                **self.target_kwargs,
-            )
+        mine = share(requests)
+        if mine:
+            with torch.enable_grad():
+                result = compute_targets(
+                    self.model,
+                    self.tokenizer,
+                    mine,
+                    self.layers[-1],
+                    self.templates,
+                    runner=self.target_runner(),
+                    **self.target_kwargs,
+                )
+        else:  # more ranks than requests
+            empty = torch.empty(self.model.config.hidden_size, 0, dtype=self.model.dtype, device=self.model.device)
+            result = TargetResult(z=empty, steps=[], prob=[], tokens=0)
+        tokens = sum_across(torch.tensor([result.tokens], device=self.model.device))
+        result = TargetResult(
+            z=gather_columns(result.z, len(requests)),
+            steps=gather_lists(result.steps),
+            prob=gather_lists(result.prob),
+            tokens=int(tokens.item()),
+        )
         self.timings = {"targets": time.perf_counter() - start, "keys": 0.0, "solve": 0.0}
         self._last_targets = result
         return result
@@ -350,12 +365,19 @@ class LocateThenEdit(EditMethod):
     @torch.no_grad()
     def apply(self, requests: Sequence[EditRequest], plan: TargetResult) -> None:
         z = plan.z.double()
-        n = len(self.layers)
-        walk = LayerWalk(self.model, self.tokenizer, requests, self.templates, self.key_averaging)
+        n, total = len(self.layers), len(requests)
+        # each rank walks its share of the requests; keys and residuals are gathered, so every rank solves the same
+        mine = share(requests)
+        walk = LayerWalk(self.model, self.tokenizer, mine, self.templates, self.key_averaging) if mine else None
         for i, (name, weight) in enumerate(self._weights.items()):
             start = time.perf_counter()
-            keys = walk.keys(self.layers[i], name).double()  # (d_k, n)
-            h = walk.output_at_subject(self.layers[-1]).double()  # (d, n)
+            if walk is not None:
+                k_mine, h_mine = walk.keys(self.layers[i], name), walk.output_at_subject(self.layers[-1])
+            else:  # more ranks than requests: this rank contributes no columns
+                k_mine = weight.get().new_empty(weight.get().shape[1], 0)
+                h_mine = weight.get().new_empty(self.model.config.hidden_size, 0)
+            keys = gather_columns(k_mine, total).double()  # (d_k, n)
+            h = gather_columns(h_mine, total).double()  # (d, n)
             resid = spread_residual(z, h, i, n)  # (d_v, n)
             mid = time.perf_counter()
             delta = self.solve(i, weight.get().double(), keys, resid)

@@ -21,6 +21,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from editing.arguments import check_arguments
+from editing.distributed import share, sum_across
 from editing.forward import target_log_probs
 from editing.methods.base import EditMethod
 from editing.models import EditedWeight, default_mlp_layers
@@ -82,13 +83,17 @@ class FineTune(EditMethod):
         return {self._weight.name: self._weight} if self._weight is not None else {}
 
     # -- one step ----------------------------------------------------------------------------------------------
-    def prepare(self, requests: Sequence[EditRequest]) -> EncodedRows:
-        """The request prompts followed by their ``target_new`` tokens (teacher forcing), on the model's device."""
+    def prepare(self, requests: Sequence[EditRequest]) -> EncodedRows | None:
+        """The request prompts followed by their ``target_new`` tokens (teacher forcing), on the model's device: this
+        rank's share of them in a multi-process run (``None`` when it has none)."""
         self.timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
-        texts, targets = [r.text for r in requests], [r.target_new for r in requests]
+        mine = share(requests)
+        if not mine:
+            return None
+        texts, targets = [r.text for r in mine], [r.target_new for r in mine]
         return encode_rows(self.tokenizer, texts, None, targets, device=self.model.device)
 
-    def apply(self, requests: Sequence[EditRequest], plan: EncodedRows) -> None:
+    def apply(self, requests: Sequence[EditRequest], plan: EncodedRows | None) -> None:
         start = time.perf_counter()
         param = self._weight.parameter
         master = param.detach().float().clone()  # float32 copy that Adam updates
@@ -99,14 +104,16 @@ class FineTune(EditMethod):
         try:
             for step in range(self.steps):
                 with torch.enable_grad():
-                    nll = self.target_nll(plan).mean()  # requests weigh equally, whatever their target length
-                    loss = nll.item()
+                    # the mean over the step's requests (each weighs equally, whatever its target length) as a sum of
+                    # the ranks' shares, so that the gradients summed over the ranks are the single process's
+                    nll = self.target_nll(plan).sum() / len(requests) if plan is not None else param.sum() * 0
+                    loss = float(sum_across(nll.detach().double().reshape(1)).item())
                     if loss < self.stop_loss:
                         used = step
                         break
                     param.grad = None
                     nll.backward()
-                master.grad = param.grad.float()
+                master.grad = sum_across(param.grad.float())
                 opt.step()
                 with torch.no_grad():
                     if self.norm_constraint is not None:

@@ -107,7 +107,7 @@ def _module(model, tokenizer, method=None):
         tokenizer=tokenizer,
         method=method,
         edits_done=torch.tensor(0),
-        log=lambda name, value: logged.update({name: value}),
+        log=lambda name, value, **_: logged.update({name: value}),
         logged=logged,
     )
 

@@ -45,7 +45,7 @@ def _module(model, tokenizer, tmp_path, method=None):
         method=method,
         cache_dir=tmp_path / "cache",
         edits_done=torch.tensor(0),
-        log=lambda name, value: logged.update({name: value}),
+        log=lambda name, value, **_: logged.update({name: value}),
         logged=logged,
     )
 
