@@ -24,12 +24,21 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
-def routing_scores(a: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor, long_input_max: int | None) -> torch.Tensor:
+def routing_scores(
+    a: torch.Tensor,
+    tau: torch.Tensor,
+    mask: torch.Tensor,
+    long_input_max: int | None,
+    centre: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(B,)`` activation scores ``|| a tau^T ||_2`` aggregated over each row's real tokens (``mask``: ``(B, T)``).
 
-    The mean over tokens; the maximum for rows with more than ``long_input_max`` real tokens.
+    The mean over tokens; the maximum for rows with more than ``long_input_max`` real tokens (0: every row). With
+    ``centre`` (``(d_in,)``), the score of ``a - centre`` (this project's extension: the inputs' common component,
+    shared by every sentence, no longer counts towards routing).
     """
-    norms = F.linear(a.float(), tau.float()).norm(dim=-1)  # (B, T)
+    a = a.float() if centre is None else a.float() - centre.float()
+    norms = F.linear(a, tau.float()).norm(dim=-1)  # (B, T)
     m = mask.to(norms.dtype)
     lengths = m.sum(1)
     mean = (norms * m).sum(1) / lengths.clamp(min=1)
@@ -51,11 +60,13 @@ class Router:
     Args:
         bank: the memories (:class:`~editing.side_memory.SideMemory` while editing, the exported ones after).
         long_input_max: rows longer than this many real tokens are scored by their maximum token score.
+        centre: the projection inputs' mean that scores subtract (``None``: the paper's score).
     """
 
-    def __init__(self, bank: MemoryBank, long_input_max: int | None) -> None:
+    def __init__(self, bank: MemoryBank, long_input_max: int | None, centre: torch.Tensor | None = None) -> None:
         self.bank = bank
         self.long_input_max = long_input_max
+        self.centre = centre
         # Not checkpointed: the differentiable task vector while editing (it answers every row), the attention mask
         # of the current forward pass, and the route of the last prefill (reused by passes that continue a KV cache).
         self.editing_tau: torch.Tensor | None = None
@@ -65,6 +76,10 @@ class Router:
         self._route: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None  # (M, B) scores of the last routed forward pass
         self.last_route: torch.Tensor | None = None  # (B,) memory index per row, -1 = main weights
+
+    def scores(self, a: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:func:`routing_scores` with this router's rule (long inputs, centre)."""
+        return routing_scores(a, tau, mask, self.long_input_max, self.centre)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -103,7 +118,7 @@ class Router:
         else:
             mask = self._mask if self._mask is not None and self._mask.shape == a.shape[:2] else None
             mask = mask if mask is not None else torch.ones(a.shape[:2], device=a.device)
-            scores = torch.stack([routing_scores(a, tau, mask, self.long_input_max) for tau, _ in memories])  # (M, B)
+            scores = torch.stack([self.scores(a, tau, mask) for tau, _ in memories])  # (M, B)
             thresholds = torch.tensor([t for _, t in memories], device=a.device)[:, None]
             above = scores > thresholds
             best = scores.masked_fill(~above, float("-inf")).argmax(0)

@@ -1,9 +1,10 @@
 """Export and reload of a WISE-edited model, so it is usable outside this framework.
 
 The export is the unedited model and its tokenizer (``save_pretrained`` into ``unedited_base/``), plus
-``side_memory.safetensors`` (the task vector of every answering memory) and ``side_memory.json`` (the module they sit
-on, their thresholds and the router's long-input rule). :func:`load_edited` rebuilds a Hugging Face model with the
-router installed, which routes exactly like the model that was exported.
+``side_memory.safetensors`` (the task vector of every answering memory, and the centre of a centred score) and
+``side_memory.json`` (the module they sit on, their thresholds and the router's long-input rule).
+:func:`load_edited` rebuilds a Hugging Face model with the router installed, which routes exactly like the model
+that was exported.
 
 The edits are not in the weights, so plain ``AutoModelForCausalLM.from_pretrained(path)`` would give the unedited
 model: the top-level ``config.json`` names a model type that does not exist, so transformers refuses the directory with
@@ -56,9 +57,16 @@ def export_edited(
     guard = {"model_type": GUARD_MODEL_TYPE, "base_model": BASE_DIR, "side_memory": EXPORT_CONFIG}
     (path / "config.json").write_text(json.dumps(guard, indent=2))
     memories = router.bank.answering()
-    save_file({f"memory_{i}": tau.detach().float().cpu().contiguous() for i, (tau, _) in enumerate(memories)},
-              str(path / EXPORT_TENSORS))  # fmt: skip
-    config = {"module": module_name, "thresholds": [t for _, t in memories], "long_input_max": router.long_input_max}
+    tensors = {f"memory_{i}": tau.detach().float().cpu().contiguous() for i, (tau, _) in enumerate(memories)}
+    if router.centre is not None:
+        tensors["centre"] = router.centre.detach().float().cpu().contiguous()
+    save_file(tensors, str(path / EXPORT_TENSORS))
+    config = {
+        "module": module_name,
+        "thresholds": [t for _, t in memories],
+        "long_input_max": router.long_input_max,
+        "centred": router.centre is not None,
+    }
     (path / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -74,6 +82,7 @@ def load_edited(
     tokenizer = AutoTokenizer.from_pretrained(base)
     tensors = load_file(str(path / EXPORT_TENSORS), device=str(device))
     taus = [tensors[f"memory_{i}"] for i in range(len(config["thresholds"]))]
-    router = Router(ExportedMemories(taus, list(config["thresholds"])), config["long_input_max"])
+    centre = tensors["centre"] if config.get("centred") else None
+    router = Router(ExportedMemories(taus, list(config["thresholds"])), config["long_input_max"], centre)
     router.attach(model, config["module"])
     return model, tokenizer, router

@@ -42,7 +42,7 @@ from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
-from editing.router import Router, routing_scores
+from editing.router import Router
 from editing.rows import EncodedRows, encode_rows, mean_per_row
 from editing.side_memory import MergeStyle, SideMemory
 from editing.wise_export import export_edited
@@ -190,7 +190,11 @@ class WISE(EditMethod):
         pool_size: sentences sampled for ``irrelevant_pool: model``.
         replay: WISE-Retrieve: per step, this many edits of sealed memories join the irrelevant sentences, so a new
             memory stays quiet on old edits and retrieval picks the memory that holds them.
-        long_input_max: inputs longer than this many tokens are scored by their maximum token score (the release).
+        long_input_max: inputs longer than this many tokens are scored by their maximum token score (the release;
+            0: every input, so a row scores by its most distinctive token, e.g. the subject).
+        score: ``paper`` (``|| a tau^T ||`` of the projection's inputs) or ``centred`` (this project's extension, not
+            evaluated by the paper: the inputs minus their mean over the tokens of ``pool_size`` sentences sampled
+            from the unedited model, so the component every sentence shares does not count towards routing).
         seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
     """
 
@@ -219,6 +223,7 @@ class WISE(EditMethod):
         pool_size: PositiveInt = 100,
         replay: NonNegativeInt = 0,
         long_input_max: NonNegativeInt | None = 100,
+        score: Literal["paper", "centred"] = "paper",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -239,7 +244,7 @@ class WISE(EditMethod):
         self.ties_density, self.merge_style = ties_density, merge_style
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
-        self.long_input_max, self.seed = long_input_max, seed
+        self.long_input_max, self.score, self.seed = long_input_max, score, seed
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
@@ -277,9 +282,22 @@ class WISE(EditMethod):
         self.router.attach(model, self.module_name)
         seeds = PREFIX_SEEDS[: self.prefixes]
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
-        if self.irrelevant_pool == "model":
+        sampled: list[str] = []
+        if self.irrelevant_pool == "model" or self.score == "centred":
             prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(self.pool_size)]
-            self.pool = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
+            sampled = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
+        if self.irrelevant_pool == "model":
+            self.pool = sampled
+        if self.score == "centred":  # not state: the same seeded sample of the unedited model gives it on resume
+            self.router.centre = self._mean_input(sampled)
+
+    @torch.no_grad()
+    def _mean_input(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(d_in,)`` mean of the side-memory projection's input over the real tokens of ``texts``, unedited."""
+        rows = encode_rows(self.tokenizer, list(texts), None, None, device=self.model.device)
+        with self.router.disabled():
+            a = capture(self.model, rows, {self.module_name: "input"})[self.module_name]
+        return a[rows.attention_mask.bool()].float().mean(0)
 
     def _resolve_module(self, model: PreTrainedModel, preset: WisePreset | None) -> tuple[str, int]:
         """The side-memory projection's path and block index, with errors that say what is allowed."""
@@ -396,11 +414,11 @@ class WISE(EditMethod):
                     ce = mean_per_row(token_nll, r, len(rows)).mean()
                     s_edit = torch.cat(
                         [
-                            routing_scores(a, tau, full_mask, self.long_input_max),
-                            routing_scores(a, tau, prompt_mask, self.long_input_max),
+                            self.router.scores(a, tau, full_mask),
+                            self.router.scores(a, tau, prompt_mask),
                         ]
                     )
-                    s_irr = routing_scores(a_irr, tau, plan.irr_mask, self.long_input_max)
+                    s_irr = self.router.scores(a_irr, tau, plan.irr_mask)
                     worst_irr = s_irr[None].masked_fill(~pairs, float("-inf")).amax(1)  # (n,)
                     gap = s_edit - worst_irr[owner].repeat(2)
                     routing = (
@@ -431,8 +449,8 @@ class WISE(EditMethod):
             self.memory.working = tau.detach()
             bare = torch.arange(0, len(rows), len(self.templates), device=owner.device)  # the "{}" row of each request
             s_bare = torch.minimum(
-                routing_scores(a[bare], self.memory.working, full_mask[bare], self.long_input_max),
-                routing_scores(a[bare], self.memory.working, prompt_mask[bare], self.long_input_max),
+                self.router.scores(a[bare], self.memory.working, full_mask[bare]),
+                self.router.scores(a[bare], self.memory.working, prompt_mask[bare]),
             )
         self.memory.record_edits([(r.text, r.target_new) for r in requests], s_bare)
         self.timings["train"] = time.perf_counter() - start
@@ -485,7 +503,7 @@ class WISE(EditMethod):
             with self.router.disabled():
                 a = capture(model, rows, {self.module_name: "input"})[self.module_name]
             mask = rows.attention_mask
-            out.append(torch.stack([routing_scores(a, tau, mask, self.long_input_max) for tau, _ in memories]))
+            out.append(torch.stack([self.router.scores(a, tau, mask) for tau, _ in memories]))
         scores = torch.cat(out, 1) if out else torch.zeros(len(memories), 0)
         return scores, torch.tensor([t for _, t in memories])
 

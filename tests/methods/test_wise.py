@@ -120,6 +120,24 @@ def test_routing_scores_mean_over_real_tokens_and_max_for_long_inputs():
     assert torch.allclose(routing_scores(a, tau, mask, 1), torch.tensor([2.0]))
 
 
+def test_centred_scores_ignore_the_component_every_input_shares():
+    common = torch.tensor([10.0, 0.0])
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]) + common  # two tokens sharing a large common component
+    tau, mask = torch.eye(2), torch.ones(1, 2)
+    assert routing_scores(a, tau, mask, None).item() > 10  # the paper's score: dominated by what all inputs share
+    assert torch.allclose(routing_scores(a, tau, mask, None, centre=common), torch.tensor([1.0]))
+    assert torch.allclose(routing_scores(a, tau, mask, 0, centre=common), torch.tensor([1.0]))  # 0: max for every row
+
+
+def test_centred_wise_routes_by_its_centre_and_resumes_with_the_same_one(tiny_llama, bind, tiny_requests):
+    method = bind(small_wise(score="centred"), tiny_llama)
+    centre = method.router.centre
+    assert centre is not None and centre.shape == (tiny_llama.config.intermediate_size,)
+    again = bind(small_wise(score="centred"), tiny_llama)  # what a resumed run computes at set-up
+    assert torch.equal(again.router.centre, centre)
+    assert bind(small_wise(), tiny_llama).router.centre is None  # the paper's score by default
+
+
 # -- editing --------------------------------------------------------------------------------------------------------
 def test_edit_changes_only_masked_entries_of_the_side_memory(tiny_model, bind, tiny_requests):
     method = bind(small_wise(weight_decay=0.0), tiny_model)
@@ -389,7 +407,7 @@ def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_p
     memory = SideMemory(tuple(tau.shape), 0.9, 0.2, 0)
     memory.working = tau
     memory.working_texts, memory.working_min = [("x", "y")], float(scores.mean()) / 0.9
-    router = Router(memory, None)
+    router = Router(memory, None, centre=torch.zeros(a.shape[-1]))  # a centre (zero: the same routes) is exported
     router.attach(tiny_llama, MODULE)
     expected = logits(tiny_llama, char_tokenizer, texts)
     export_edited(tmp_path / "export", tiny_llama, char_tokenizer, router, MODULE)
@@ -398,6 +416,7 @@ def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_p
     got = logits(model, tokenizer, texts)
     assert loaded.last_route.tolist() == router.last_route.tolist() == [0, -1]
     assert torch.allclose(got, expected, atol=1e-5)
+    assert loaded.centre is not None and torch.equal(loaded.centre, router.centre)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
