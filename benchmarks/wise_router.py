@@ -71,7 +71,7 @@ def main() -> None:
         m, r = run["metrics"], run["routing"]
         cells = [m.get("efficacy"), m.get("generalization"), m.get("locality")]
         cells += [r.get(f"{kind}/routed") for kind in ("edit", "paraphrase", "unrelated")]
-        print(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+        print(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells))
     print(f"wrote {out}")
 
 

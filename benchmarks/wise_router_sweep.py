@@ -65,16 +65,15 @@ def sweep_module(
     def pool(per_token: torch.Tensor) -> float:
         return float(per_token.max() if peak else per_token.mean())
 
-    edits = [centred(a) for a in inputs["edit"]]
-    v = torch.stack([a.mean(0) for a in edits])  # (T, d_ff): one direction per edit
+    v = torch.stack([centred(a).mean(0) for a in inputs["edit"]])  # (T, d_ff): one direction per edit
     v = v / v.norm(dim=1, keepdim=True)
+    # every row's tokens projected on every edit's direction, once: (tokens, T) per row
+    projected = {kind: [centred(a) @ v.T for a in rows] for kind, rows in inputs.items()}
 
-    def score(a: torch.Tensor) -> float:
-        return pool((centred(a) @ v.T).norm(dim=1))
+    def scores(kind: str) -> torch.Tensor:
+        return torch.tensor([pool(p.norm(dim=1)) for p in projected[kind]])
 
-    s_edit = torch.tensor([score(a) for a in inputs["edit"]])
-    s_para = torch.tensor([score(a) for a in inputs["paraphrase"]])
-    s_unrel = torch.tensor([score(a) for a in inputs["unrelated"]])
+    s_edit, s_para, s_unrel = scores("edit"), scores("paraphrase"), scores("unrelated")
     threshold = float(s_edit.min())
     # one edit alone: its own paraphrases against every unrelated row, scored by its own direction
     aucs = []
@@ -82,8 +81,8 @@ def sweep_module(
         own = [i for i, o in enumerate(owners) if o == e]
         if not own:
             continue
-        para = torch.tensor([pool((centred(inputs["paraphrase"][i]) @ v[e]).abs()) for i in own])
-        unrel = torch.tensor([pool((centred(a) @ v[e]).abs()) for a in inputs["unrelated"]])
+        para = torch.tensor([pool(projected["paraphrase"][i][:, e].abs()) for i in own])
+        unrel = torch.tensor([pool(p[:, e].abs()) for p in projected["unrelated"]])
         aucs.append(auc(para, unrel))
     return {
         "paraphrase_routed": float((s_para > threshold).float().mean()),
