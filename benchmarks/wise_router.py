@@ -22,18 +22,20 @@ ARG = "--model.method.init_args."
 
 
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``preset`` or ``b<block>[_centred][_max]`` (block of the side memory, centred
-    score, the maximum token score for every row)."""
+    """Settings of a variant named ``preset`` or ``b<block>[_centred][_max][_loss]`` (block of the side memory,
+    centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop)."""
     if name == "preset":
         return []
     block, *flags = name.split("_")
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"centred", "max"}:
-        raise SystemExit(f"variant '{name}': expected preset or b<block>[_centred][_max]")
+    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"centred", "max", "loss"}:
+        raise SystemExit(f"variant '{name}': expected preset or b<block>[_centred][_max][_loss]")
     args = [f"{ARG}module", block[1:]]
     if "centred" in flags:
         args += [f"{ARG}score", "centred"]
     if "max" in flags:
         args += [f"{ARG}long_input_max", "0"]
+    if "loss" in flags:
+        args += [f"{ARG}stop_on_argmax", "false"]
     return args
 
 
