@@ -143,6 +143,29 @@ class EditingCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI parses a checkpoint's hyperparameters over the run's config, so `validate --ckpt_path ...
+        # --model.method.init_args.slack 0.5` would silently use the checkpoint's slack. `fit` and `validate` keep
+        # what the run says and name every model setting that differs from the checkpoint's; `export` rebuilds the
+        # module from the checkpoint, as Lightning does.
+        if self.config.get("subcommand") == "export":
+            super()._parse_ckpt_path()
+            return
+        own = self.config.clone()
+        super()._parse_ckpt_path()
+        from_checkpoint, self.config = self.config, own
+        subcommand = own.get("subcommand")
+        if subcommand is None:
+            return
+        ours = dict(own[subcommand]["model"].items())
+        theirs = dict(from_checkpoint[subcommand]["model"].items())
+        for key in sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)):
+            rank_zero_warn(
+                f"model.{key}: {ours.get(key)!r} in this run, {theirs.get(key)!r} in the checkpoint; "
+                "this run's value is used"
+            )
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Own groups, not defaults of `trainer.callbacks`: a list in a config replaces that list as a whole, and
         # `trainer_defaults["callbacks"]` would be fixed instances that --print_config does not show. These are always

@@ -87,6 +87,15 @@ def test_resume_mid_stream_matches_uninterrupted_run(tiny_run: dict[str, Path], 
     assert summary["protocol"]["edit_steps"] == 3
 
 
+def test_run_settings_win_over_the_checkpoints_and_are_named(tiny_run: dict[str, Path]) -> None:
+    cli_main(_args(tiny_run, "memit"))
+    checkpoint = tiny_run["root"] / "checkpoints" / "last.ckpt"
+    args = _args(tiny_run, "memit", None, "--ckpt_path", str(checkpoint), "--model.token_averaging", "pooled")
+    with pytest.warns(UserWarning, match=r"model.token_averaging: 'pooled' in this run, 'case' in the checkpoint"):
+        cli = cli_main(["validate", *args[1:]])
+    assert cli.model.token_averaging == "pooled"  # Lightning's own rule would have put the checkpoint's back
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
