@@ -22,13 +22,15 @@ ARG = "--model.method.init_args."
 
 
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``preset`` or ``b<block>[_centred][_max][_loss]`` (block of the side memory,
-    centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop)."""
+    """Settings of a variant named ``preset`` or ``b<block>[_centred][_max][_loss][_s<slack>]`` (block of the side
+    memory, centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop,
+    the threshold slack)."""
     if name == "preset":
         return []
     block, *flags = name.split("_")
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"centred", "max", "loss"}:
-        raise SystemExit(f"variant '{name}': expected preset or b<block>[_centred][_max][_loss]")
+    slack = [f for f in flags if f.startswith("s") and f[1:].replace(".", "", 1).isdigit()]
+    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"centred", "max", "loss", *slack}:
+        raise SystemExit(f"variant '{name}': expected preset or b<block>[_centred][_max][_loss][_s<slack>]")
     args = [f"{ARG}module", block[1:]]
     if "centred" in flags:
         args += [f"{ARG}score", "centred"]
@@ -36,6 +38,8 @@ def variant_args(name: str) -> list[str]:
         args += [f"{ARG}long_input_max", "0"]
     if "loss" in flags:
         args += [f"{ARG}stop_on_argmax", "false"]
+    for flag in slack:
+        args += [f"{ARG}slack", flag[1:]]
     return args
 
 
