@@ -253,12 +253,20 @@ class EditingModule(LightningModule):
         values = {f"time/{k}": v for k, v in self.method.timings.items()}
         values.update(self.method.step_log())
         values["edits/total"] = float(self.edits_done)
+        if self._stream_ends_here():
+            # Lightning evaluates every `val_check_interval` steps only: a stream whose length is not a multiple of it
+            # would end without its final evaluation. A stop request makes the fit loop evaluate after this step.
+            self.trainer.should_stop = True
         if self.step_metrics:
             start = time.perf_counter()
             for name, hits in self._score(requests).items():
                 values[f"train/{name}"] = hits.float().mean().item()
             values["time/step_metrics"] = time.perf_counter() - start
         self.log_dict(values, batch_size=len(batch))
+
+    def _stream_ends_here(self) -> bool:
+        trainer = self.trainer
+        return int(self.edits_done) >= len(self.stream.requests) or 0 < trainer.max_steps <= trainer.global_step
 
     def _check_replicas(self) -> None:
         state = [*(w.get() for w in self.method.edited_weights().values()), *self.method.buffers()]

@@ -168,3 +168,9 @@ def test_bad_request_file_is_one_line_from_the_command(tmp_path):
         "error: bad.jsonl: record 0 (line 1, case_id x1): field 'target_new' is empty"
     )
     assert not run.exists()
+
+
+def test_a_stream_not_a_multiple_of_the_interval_is_still_evaluated_at_its_end(tiny_run: dict[str, Path]) -> None:
+    cli_main(_args(tiny_run, "memit", None, "--trainer.val_check_interval", "2"))  # 3 edit steps
+    history = json.loads((tiny_run["root"] / "summary.json").read_text())["history"]
+    assert [h["edits"] for h in history] == [2, 3]
