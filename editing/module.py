@@ -265,6 +265,7 @@ class EditingModule(LightningModule):
         self.log_dict(values, batch_size=len(batch))
 
     def _stream_ends_here(self) -> bool:
+        """The step just taken is the fit's last: the stream is used up, or ``max_steps`` is reached."""
         trainer = self.trainer
         return int(self.edits_done) >= len(self.stream.requests) or 0 < trainer.max_steps <= trainer.global_step
 
@@ -322,13 +323,8 @@ class EditingModule(LightningModule):
         """The place bound of this evaluation's sample: the ``eval_sample`` edits made so far that come first in one
         seeded order of the stream; ``None`` scores every edit (no sample, no more edits than the sample holds, or the
         stream's last evaluation: its end, ``max_steps``, or a ``validate`` run)."""
-        done, trainer = int(self.edits_done), self.trainer
-        last = (
-            trainer.state.fn != TrainerFn.FITTING
-            or self.stream.scored == "all"
-            or done >= len(self.stream.requests)
-            or 0 < trainer.max_steps <= trainer.global_step
-        )
+        done = int(self.edits_done)
+        last = self.trainer.state.fn != TrainerFn.FITTING or self.stream.scored == "all" or self._stream_ends_here()
         if self.eval_sample is None or last or done <= self.eval_sample:
             return None
         if self._ranks is None:
