@@ -6,7 +6,7 @@ the built-in set or of a ZsRE file (one edit per step, evaluated once after the 
 writes JSON after every run.
 
     python benchmarks/wise_router.py --records builtin --limit 30 --variants preset b23_centred_max
-    python benchmarks/wise_router.py --records ../shared/data/zsre_eval.json --limit 100 \\
+    python benchmarks/wise_router.py --records ../shared/data/zsre_eval.json --limit 100 --interval 25 \\
         --pool ../shared/data/zsre_train_1k.json --out docs/benchmarks/wise_router_zsre.json
 """
 
@@ -22,24 +22,27 @@ ARG = "--model.method.init_args."
 
 
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``preset`` or ``b<block>[_centred][_max][_loss][_s<slack>]`` (block of the side
-    memory, centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop,
-    the threshold slack)."""
+    """Settings of a variant named ``preset`` or ``b<block>[_paper|_centred][_max][_loss][_s<slack>][_w<swaps>]``
+    (block of the side memory, the paper's or the centred score, the maximum token score for every row, the release's
+    stop rule: loss only, no argmax stop, the threshold slack, subject swaps per edit)."""
     if name == "preset":
         return []
     block, *flags = name.split("_")
-    slack = [f for f in flags if f.startswith("s") and f[1:].replace(".", "", 1).isdigit()]
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - {"centred", "max", "loss", *slack}:
-        raise SystemExit(f"variant '{name}': expected preset or b<block>[_centred][_max][_loss][_s<slack>]")
+    numbered = [f for f in flags if f[:1] in "sw" and f[1:].replace(".", "", 1).isdigit()]
+    known = {"paper", "centred", "max", "loss", *numbered}
+    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - known:
+        raise SystemExit(
+            f"variant '{name}': expected preset or b<block>[_paper|_centred][_max][_loss][_s<slack>][_w<n>]"
+        )
     args = [f"{ARG}module", block[1:]]
-    if "centred" in flags:
-        args += [f"{ARG}score", "centred"]
+    for score in {"paper", "centred"} & set(flags):
+        args += [f"{ARG}score", score]
     if "max" in flags:
         args += [f"{ARG}long_input_max", "0"]
     if "loss" in flags:
         args += [f"{ARG}stop_on_argmax", "false"]
-    for flag in slack:
-        args += [f"{ARG}slack", flag[1:]]
+    for flag in numbered:
+        args += [f"{ARG}slack" if flag[0] == "s" else f"{ARG}subject_swaps", flag[1:]]
     return args
 
 
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--records", default="builtin", help="'builtin' or a ZsRE file")
     parser.add_argument("--limit", type=int, default=30, help="edits in the stream (T)")
     parser.add_argument("--pool", default=None, help="irrelevant_pool (default: the config's, model samples)")
+    parser.add_argument("--interval", type=int, default=0, help="also evaluate every this many edits (0: at the end)")
     parser.add_argument("--variants", nargs="+", default=["preset", "b23_centred_max"])
     parser.add_argument("--work-dir", default="runs/wise_router")
     parser.add_argument("--out", default="docs/benchmarks/wise_router_builtin.json")
@@ -56,6 +60,8 @@ def main() -> None:
     data = [] if opts.records == "builtin" else ["--data.path", opts.records, "--data.format", "zsre"]
     common = [*data, "--data.limit", str(opts.limit), "--model.fluency", "false", "--trainer.logger", "false"]
     common += ["--trainer.enable_progress_bar", "false"]
+    if opts.interval:
+        common += ["--trainer.val_check_interval", str(opts.interval)]
     if opts.pool:
         common += [f"{ARG}irrelevant_pool", opts.pool]
     out = REPO / opts.out
@@ -66,6 +72,7 @@ def main() -> None:
         results["runs"][name] = {
             "settings": variant_args(name),
             "metrics": summary["metrics"],
+            "history": summary["history"],
             "routing": summary.get("routing", {}),
             "seconds_per_edit": summary["timing"]["seconds_per_step"],
         }

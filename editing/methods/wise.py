@@ -51,13 +51,15 @@ log = logging.getLogger(__name__)
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
 Texts = list[tuple[str, str]]
+Score = Literal["paper", "centred"]
 PrefixCount = restricted_number_type("PrefixCount", int, [(">=", 0), ("<=", len(PREFIX_SEEDS))])
 DEFAULT_SLACK = 0.88  # the authors' threshold factor for every model they set, except Llama-3-8B
 
 
 @dataclass(frozen=True)
 class WisePreset:
-    """The side-memory block and threshold slack the authors set for one model, recognised by its config.
+    """The side-memory block, threshold slack and routing score for one model, recognised by its config: the
+    authors' settings, or this project's measured ones where the authors give none.
 
     Attributes:
         name: the model, for the log line.
@@ -65,6 +67,8 @@ class WisePreset:
         vocab_size: ``config.vocab_size`` where two models share the rest (Llama-2-7B and Llama-3-8B); ``None``: any.
         block: the block whose MLP down projection holds the side memory.
         slack: threshold factor.
+        score: the routing score (``paper`` or this project's ``centred``).
+        source: whose setting it is, for the log line.
     """
 
     name: str
@@ -74,6 +78,8 @@ class WisePreset:
     vocab_size: int | None
     block: int
     slack: float
+    score: Score = "paper"
+    source: str = "the authors' setting"
 
     def matches(self, config: PretrainedConfig) -> bool:
         return (
@@ -84,11 +90,15 @@ class WisePreset:
         )
 
 
-# DESIGN.md section 6: the authors' per-model settings (the release's hparams/WISE/*.yaml: inner_params, act_ratio).
+# DESIGN.md section 6: the authors' per-model settings (the release's hparams/WISE/*.yaml: inner_params, act_ratio),
+# and SmolLM2-135M's, measured here on ZsRE (docs/wise.md, "The router on the default model").
 WISE_PRESETS: tuple[WisePreset, ...] = (
     WisePreset("Llama-2-7B", "llama", 32, 4096, 32000, block=27, slack=0.88),
     WisePreset("Llama-3-8B", "llama", 32, 4096, 128256, block=29, slack=0.5),
     WisePreset("Qwen2.5-7B", "qwen2", 28, 3584, None, block=23, slack=0.88),
+    WisePreset(
+        "SmolLM2-135M", "llama", 30, 576, 49152, block=4, slack=0.8, score="centred", source="measured in docs/wise.md"
+    ),
 )
 
 
@@ -121,6 +131,19 @@ def _pool_from_file(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
+def _word_spans(sentences: Sequence[str]) -> list[str]:
+    """The distinct one- and two-word spans of ``sentences`` (punctuation stripped), stand-ins for a subject."""
+    spans: dict[str, None] = {}
+    for sentence in sentences:
+        words = [w.strip(".,;:!?\"'()[]{}") for w in sentence.split()]
+        words = [w for w in words if w]
+        for i, word in enumerate(words):
+            spans[word] = None
+            if i + 1 < len(words):
+                spans[f"{word} {words[i + 1]}"] = None
+    return list(spans)
+
+
 @dataclass
 class EditRows:
     """One step's rows and the activations below the side memory, captured once without gradient.
@@ -150,9 +173,9 @@ class WISE(EditMethod):
 
     Args:
         module: the side-memory projection: a block index (its MLP output projection), a module path
-            (``model.layers.22.mlp.down_proj``), or ``None``: the authors' block for the models of
-            :data:`WISE_PRESETS` (Llama-2-7B: 27, Llama-3-8B: 29, Qwen2.5-7B: 23), else the block at three quarters
-            of the depth (logged).
+            (``model.layers.22.mlp.down_proj``), or ``None``: the preset's block for the models of
+            :data:`WISE_PRESETS` (the authors': Llama-2-7B 27, Llama-3-8B 29, Qwen2.5-7B 23; measured here:
+            SmolLM2-135M 4), else the block at three quarters of the depth (logged).
         lr: SGD learning rate on the side memory (1.0).
         steps: maximum iterations per edit step (70).
         stop_loss, stop_flatness: stop an edit step once the total loss is at most ``stop_loss`` (0.02) and moved at
@@ -173,8 +196,9 @@ class WISE(EditMethod):
         gap_margin: the paper's gamma (10): edit rows should score this much above their irrelevant sentence.
         margin_average: how each margin (hinge) term is averaged: ``positive``, over its positive entries only (0
             when none is; the release), or ``all``, over every entry (this project's variant).
-        slack: threshold = ``slack *`` the lowest routing score of the memory's edits; ``None``: the authors' value
-            for the models of :data:`WISE_PRESETS` (0.5 for Llama-3-8B), else 0.88.
+        slack: threshold = ``slack *`` the lowest routing score of the memory's edits; ``None``: the preset's value
+            for the models of :data:`WISE_PRESETS` (the authors': 0.5 for Llama-3-8B; measured here: 0.8 for
+            SmolLM2-135M), else 0.88.
         ties_density: fraction of each task vector's largest entries kept by TIES' trim step when shards merge
             (0.53).
         merge_style: how WISE-Merge carries its merged memory over (see :class:`~editing.side_memory.SideMemory`):
@@ -194,7 +218,12 @@ class WISE(EditMethod):
             0: every input, so a row scores by its most distinctive token, e.g. the subject).
         score: ``paper`` (``|| a tau^T ||`` of the projection's inputs) or ``centred`` (this project's extension, not
             evaluated by the paper: the inputs minus their mean over the tokens of ``pool_size`` sentences sampled
-            from the unedited model, so the component every sentence shares does not count towards routing).
+            from the unedited model, so the component every sentence shares does not count towards routing);
+            ``None``: the preset's (:data:`WISE_PRESETS`; SmolLM2-135M: ``centred``), else ``paper``.
+        subject_swaps: per edit, this many more irrelevant rows: the edit's own prompt with its subject replaced by
+            a one- or two-word span of a model-sampled sentence, followed by the new target (this project's
+            extension, not in the paper), so the memory cannot route on the template and answer an edit shares with
+            its neighbourhood ("The capital of Spain is Madrid" beside the edit "The capital of France is Madrid").
         seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
     """
 
@@ -223,7 +252,8 @@ class WISE(EditMethod):
         pool_size: PositiveInt = 100,
         replay: NonNegativeInt = 0,
         long_input_max: NonNegativeInt | None = 100,
-        score: Literal["paper", "centred"] = "paper",
+        score: Score | None = None,
+        subject_swaps: NonNegativeInt = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -245,6 +275,8 @@ class WISE(EditMethod):
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
+        self.subject_swaps = subject_swaps
+        self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
@@ -269,10 +301,14 @@ class WISE(EditMethod):
             slack = self.slack
         elif preset is not None:
             slack = preset.slack
-            log.info("WISE: threshold slack %s, the authors' value for %s", slack, preset.name)
+            log.info("WISE: threshold slack %s, %s for %s", slack, preset.source, preset.name)
         else:
             slack = DEFAULT_SLACK
             log.info("WISE: threshold slack %s (the authors' value for the models they set, but Llama-3-8B)", slack)
+        if self.score is None:
+            self.score = preset.score if preset is not None else "paper"
+            if preset is not None:
+                log.info("WISE: routing score '%s', %s for %s", self.score, preset.source, preset.name)
         weight = model.get_submodule(self.module_name).weight
         transposed = isinstance(model.get_submodule(self.module_name), Conv1D)
         shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
@@ -283,11 +319,13 @@ class WISE(EditMethod):
         seeds = PREFIX_SEEDS[: self.prefixes]
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
         sampled: list[str] = []
-        if self.irrelevant_pool == "model" or self.score == "centred":
+        if self.irrelevant_pool == "model" or self.score == "centred" or self.subject_swaps:
             prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(self.pool_size)]
             sampled = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
         if self.irrelevant_pool == "model":
             self.pool = sampled
+        if self.subject_swaps:
+            self.spans = _word_spans(sampled)
         if self.score == "centred":  # not state: the same seeded sample of the unedited model gives it on resume
             self.router.centre = self._mean_input(sampled)
 
@@ -306,7 +344,7 @@ class WISE(EditMethod):
         spec = self.module_spec
         if spec is None and preset is not None:
             spec = preset.block
-            log.info("WISE: side memory in block %d, the authors' block for %s", spec, preset.name)
+            log.info("WISE: side memory in block %d, %s for %s", spec, preset.source, preset.name)
         elif spec is None:
             spec = max(1, int(0.75 * n_blocks))
             log.info(
@@ -364,7 +402,8 @@ class WISE(EditMethod):
         )
 
     def _irrelevant(self, requests: Sequence[EditRequest]) -> tuple[Texts, torch.Tensor]:
-        """One irrelevant sentence per request (-> its request index) plus ``replay`` old edits (-> -1: all)."""
+        """One irrelevant sentence and ``subject_swaps`` subject-swapped prompts per request (-> its request index),
+        plus ``replay`` old edits (-> -1: all)."""
         rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
         chosen: Texts = []
         for r in requests:
@@ -378,6 +417,10 @@ class WISE(EditMethod):
             else:
                 chosen.append((rng.choice(self.pool), ""))
         owner = list(range(len(requests)))
+        for i, r in enumerate(requests):
+            for span in rng.sample(self.spans, min(self.subject_swaps, len(self.spans))):
+                chosen.append((f"{r.prompt.replace('{}', span)} {r.target_new}", ""))
+                owner.append(i)
         old = [f"{p} {t}" for texts in self.memory.sealed_texts for p, t in texts]
         for text in rng.sample(old, min(self.replay, len(old))):
             chosen.append((text, ""))

@@ -196,16 +196,40 @@ def test_early_stop_needs_a_low_and_flat_loss(tiny_llama, bind, tiny_requests):
 
 
 @pytest.mark.parametrize(
-    ("config", "block", "slack"),
+    ("config", "block", "slack", "score"),
     [
-        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=32000), 27, 0.88),  # Llama-2-7B
-        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=128256), 29, 0.5),  # Llama-3-8B
-        (Qwen2Config(num_hidden_layers=28, hidden_size=3584), 23, 0.88),  # Qwen2.5-7B
+        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=32000), 27, 0.88, "paper"),  # Llama-2-7B
+        (LlamaConfig(num_hidden_layers=32, hidden_size=4096, vocab_size=128256), 29, 0.5, "paper"),  # Llama-3-8B
+        (Qwen2Config(num_hidden_layers=28, hidden_size=3584), 23, 0.88, "paper"),  # Qwen2.5-7B
+        (LlamaConfig(num_hidden_layers=30, hidden_size=576, vocab_size=49152), 4, 0.8, "centred"),  # SmolLM2-135M
     ],
 )
-def test_authors_side_memory_block_and_slack_per_model(config, block, slack):
+def test_side_memory_block_slack_and_score_per_model(config, block, slack, score):
     preset = wise_preset(config)
-    assert (preset.block, preset.slack) == (block, slack)
+    assert (preset.block, preset.slack, preset.score) == (block, slack, score)
+
+
+def test_a_measured_preset_sets_block_slack_and_centred_score_and_settings_override_it(tiny_llama, bind, monkeypatch):
+    import editing.methods.wise as wise
+
+    preset = wise.WisePreset("tiny", "llama", 4, 32, None, block=1, slack=0.8, score="centred", source="measured")
+    monkeypatch.setattr(wise, "WISE_PRESETS", (preset,))
+    method = bind(small_wise(module=None), tiny_llama)
+    assert (method.block, method.memory.slack, method.score) == (1, 0.8, "centred")
+    assert method.router.centre is not None
+    method = bind(small_wise(module=2, slack=0.5, score="paper"), tiny_llama)
+    assert (method.block, method.memory.slack, method.router.centre) == (2, 0.5, None)
+
+
+def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edit(tiny_llama, bind, tiny_requests):
+    method = bind(small_wise(subject_swaps=3), tiny_llama)
+    irrelevant, owner = method._irrelevant(tiny_requests[:2])
+    assert owner.tolist() == [0, 1, 0, 0, 0, 1, 1, 1]  # the pool sentence of each request, then its swaps
+    for (text, _), i in zip(irrelevant[2:], owner[2:].tolist(), strict=True):
+        head, tail = tiny_requests[i].prompt.split("{}")
+        assert text.startswith(head) and text.endswith(f"{tail} {tiny_requests[i].target_new}")
+        assert tiny_requests[i].subject not in text
+    assert len({text for text, _ in irrelevant[2:5]}) == 3
 
 
 def test_other_models_get_three_quarters_depth_and_slack_088_logged(tiny_llama, bind, caplog):
