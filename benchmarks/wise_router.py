@@ -22,17 +22,20 @@ ARG = "--model.method.init_args."
 
 
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``preset`` or ``b<block>[_paper|_centred][_max][_loss][_s<slack>][_w<swaps>]``
-    (block of the side memory, the paper's or the centred score, the maximum token score for every row, the release's
-    stop rule: loss only, no argmax stop, the threshold slack, subject swaps per edit)."""
-    if name == "preset":
-        return []
+    """Settings of a variant named ``preset[_q]`` or
+    ``b<block>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<swaps>]`` (block of the side memory, the paper's or
+    the centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop,
+    questions in the model-sampled pool, the threshold slack, subject swaps per edit)."""
+    if name.startswith("preset"):
+        if name not in ("preset", "preset_q"):
+            raise SystemExit(f"variant '{name}': expected preset or preset_q")
+        return [f"{ARG}pool_questions", "true"] if name == "preset_q" else []
     block, *flags = name.split("_")
     numbered = [f for f in flags if f[:1] in "sw" and f[1:].replace(".", "", 1).isdigit()]
-    known = {"paper", "centred", "max", "loss", *numbered}
+    known = {"paper", "centred", "max", "loss", "q", *numbered}
     if not block.startswith("b") or not block[1:].isdigit() or set(flags) - known:
         raise SystemExit(
-            f"variant '{name}': expected preset or b<block>[_paper|_centred][_max][_loss][_s<slack>][_w<n>]"
+            f"variant '{name}': expected preset[_q] or b<block>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>]"
         )
     args = [f"{ARG}module", block[1:]]
     for score in {"paper", "centred"} & set(flags):
@@ -41,6 +44,8 @@ def variant_args(name: str) -> list[str]:
         args += [f"{ARG}long_input_max", "0"]
     if "loss" in flags:
         args += [f"{ARG}stop_on_argmax", "false"]
+    if "q" in flags:
+        args += [f"{ARG}pool_questions", "true"]
     for flag in numbered:
         args += [f"{ARG}slack" if flag[0] == "s" else f"{ARG}subject_swaps", flag[1:]]
     return args

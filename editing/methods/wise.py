@@ -50,6 +50,7 @@ from editing.wise_export import export_edited
 log = logging.getLogger(__name__)
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "She", "We", "This")
+QUESTION_SEEDS = ("Who", "What", "When", "Where", "Which", "How")
 Texts = list[tuple[str, str]]
 Score = Literal["paper", "centred"]
 PrefixCount = restricted_number_type("PrefixCount", int, [(">=", 0), ("<=", len(PREFIX_SEEDS))])
@@ -212,6 +213,9 @@ class WISE(EditMethod):
             evaluation's locality probes), or a ``.txt``/``.json``/``.jsonl`` file (e.g. ZsRE training records, whose
             ``loc`` questions the paper uses).
         pool_size: sentences sampled for ``irrelevant_pool: model``.
+        pool_questions: every second model-sampled sentence starts from a question word (:data:`QUESTION_SEEDS`),
+            so the pool and the centre of ``score: centred`` also hold questions, as a chat model's unrelated inputs
+            often are (this project's extension; off: every sentence starts from a word of ``SAMPLE_SEEDS``).
         replay: WISE-Retrieve: per step, this many edits of sealed memories join the irrelevant sentences, so a new
             memory stays quiet on old edits and retrieval picks the memory that holds them.
         long_input_max: inputs longer than this many tokens are scored by their maximum token score (the release;
@@ -250,6 +254,7 @@ class WISE(EditMethod):
         prefix_length: PositiveInt = 10,
         irrelevant_pool: str = "model",
         pool_size: PositiveInt = 100,
+        pool_questions: bool = False,
         replay: NonNegativeInt = 0,
         long_input_max: NonNegativeInt | None = 100,
         score: Score | None = None,
@@ -274,6 +279,7 @@ class WISE(EditMethod):
         self.ties_density, self.merge_style = ties_density, merge_style
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
+        self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
         self.subject_swaps = subject_swaps
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
@@ -320,7 +326,7 @@ class WISE(EditMethod):
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)
         sampled: list[str] = []
         if self.irrelevant_pool == "model" or self.score == "centred" or self.subject_swaps:
-            prompts = [SAMPLE_SEEDS[i % len(SAMPLE_SEEDS)] for i in range(self.pool_size)]
+            prompts = [self._pool_seed(i) for i in range(self.pool_size)]
             sampled = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 1, top_k=50)]
         if self.irrelevant_pool == "model":
             self.pool = sampled
@@ -328,6 +334,12 @@ class WISE(EditMethod):
             self.spans = _word_spans(sampled)
         if self.score == "centred":  # not state: the same seeded sample of the unedited model gives it on resume
             self.router.centre = self._mean_input(sampled)
+
+    def _pool_seed(self, i: int) -> str:
+        """The word the ``i``-th model-sampled pool sentence starts from."""
+        if self.pool_questions and i % 2:
+            return QUESTION_SEEDS[i // 2 % len(QUESTION_SEEDS)]
+        return SAMPLE_SEEDS[(i // 2 if self.pool_questions else i) % len(SAMPLE_SEEDS)]
 
     @torch.no_grad()
     def _mean_input(self, texts: Sequence[str]) -> torch.Tensor:

@@ -221,6 +221,14 @@ def test_a_measured_preset_sets_block_slack_and_centred_score_and_settings_overr
     assert (method.block, method.memory.slack, method.router.centre) == (2, 0.5, None)
 
 
+def test_pool_questions_make_every_second_sampled_sentence_a_question(tiny_llama, bind):
+    def starts(pool: list[str], words: list[str]) -> bool:
+        return len(pool) == len(words) and all(text.startswith(word) for text, word in zip(pool, words, strict=True))
+
+    assert starts(bind(small_wise(pool_questions=True), tiny_llama).pool, ["The", "Who", "In", "What"])
+    assert starts(bind(small_wise(), tiny_llama).pool, ["The", "In", "A", "It"])
+
+
 def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edit(tiny_llama, bind, tiny_requests):
     method = bind(small_wise(subject_swaps=3), tiny_llama)
     irrelevant, owner = method._irrelevant(tiny_requests[:2])
