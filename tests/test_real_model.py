@@ -92,7 +92,8 @@ def test_wise_edits_answer_through_the_router_and_unrelated_prompts_stay(tmp_pat
     metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
     assert metrics["efficacy"] >= 2 / 3
     # the built-in locality probes share the edited prompt's template ("The capital of Spain is" next to "... France
-    # is"), the hardest case for an activation router: most, not all, keep their answer (0.83 measured)
+    # is"): no routing score separates them on this model (docs/wise.md), so they reach the side memory and keep
+    # their answer only where the memory leaves it (measured: 0.67 with the block-4 preset, 0.83 with block 22)
     assert metrics["locality"] >= 2 / 3
     model, tokenizer, router = load_edited(export)
     requests = [json.loads(line) for line in (REPO / "editing" / "builtin" / "counterfact_builtin.jsonl").open()][:3]
