@@ -101,6 +101,9 @@ class SideMemory(nn.Module):
         mask_density, seed: density and seed of the shard masks.
         ties_density: fraction of each task vector's largest entries kept by TIES' trim step (0.53).
         merge_style: ``"release"`` or ``"continue"``, see above.
+        module, score: the projection the memory belongs to and the routing score its thresholds were measured
+            with; checkpointed, so a resume whose settings resolve to another block or score (for example a
+            changed model preset) is refused instead of loading the memory into the wrong place.
     """
 
     def __init__(
@@ -111,6 +114,8 @@ class SideMemory(nn.Module):
         seed: int,
         ties_density: float = 0.53,
         merge_style: MergeStyle = "release",
+        module: str = "",
+        score: str = "paper",
     ) -> None:
         super().__init__()
         if merge_style not in ("release", "continue"):
@@ -118,6 +123,7 @@ class SideMemory(nn.Module):
         self.shape = tuple(shape)
         self.ties_density = ties_density
         self.merge_style = merge_style
+        self.module, self.score = module, score
         self.slack = slack
         self.mask_density = mask_density
         self.seed = seed
@@ -291,6 +297,8 @@ class SideMemory(nn.Module):
             "seed": self.seed,
             "mask_density": self.mask_density,
             "merge_style": self.merge_style,
+            "module": self.module,
+            "score": self.score,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -306,6 +314,12 @@ class SideMemory(nn.Module):
                 f"merge_style: the checkpoint's memories were built with {style!r}, this run uses "
                 f"{self.merge_style!r}; resume with the same merge_style"
             )
+        for key in ("module", "score"):  # checkpoints before session 7 do not say
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(
+                    f"{key}: the checkpoint's side memory was built with {state[key]!r}, this run's settings give "
+                    f"{getattr(self, key)!r}; resume with --model.method.init_args.{key} {state[key]}"
+                )
         dev = self.working.device
 
         def texts(items: list) -> list[tuple[str, str]]:

@@ -92,7 +92,7 @@ class WisePreset:
 
 
 # DESIGN.md section 6: the authors' per-model settings (the release's hparams/WISE/*.yaml: inner_params, act_ratio),
-# and SmolLM2-135M's, measured here on ZsRE (docs/wise.md, "The router on the default model").
+# and SmolLM2-135M's, measured here on ZsRE (docs/wise.md, "The SmolLM2 preset").
 WISE_PRESETS: tuple[WisePreset, ...] = (
     WisePreset("Llama-2-7B", "llama", 32, 4096, 32000, block=27, slack=0.88),
     WisePreset("Llama-3-8B", "llama", 32, 4096, 128256, block=29, slack=0.5),
@@ -318,7 +318,16 @@ class WISE(EditMethod):
         weight = model.get_submodule(self.module_name).weight
         transposed = isinstance(model.get_submodule(self.module_name), Conv1D)
         shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
-        self.memory = SideMemory(shape, slack, self.mask_density, self.seed, self.ties_density, self.merge_style)
+        self.memory = SideMemory(
+            shape,
+            slack,
+            self.mask_density,
+            self.seed,
+            self.ties_density,
+            self.merge_style,
+            self.module_name,
+            self.score,
+        )
         self.memory.to(model.device)
         self.router = Router(self.memory, self.long_input_max)
         self.router.attach(model, self.module_name)

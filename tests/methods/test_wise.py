@@ -422,13 +422,30 @@ def test_checkpoint_state_round_trip(tiny_llama, bind, tiny_requests, char_token
     method.apply(tiny_requests[1:2], method.prepare(tiny_requests[1:2]))
     method.memory.merge(retrieve=True)
     state = {k: v for k, v in method.state_dict().items()}
-    restored = SideMemory(method.memory.shape, method.memory.slack, 0.5, 7)
+    restored = SideMemory(method.memory.shape, method.memory.slack, 0.5, 7, module=MODULE)
     restored.set_extra_state(state["memory._extra_state"])
     assert restored.shard == method.memory.shard and restored.seed == method.memory.seed
     assert [t for t, _ in restored.answering()][0].equal(method.memory.answering()[0][0])
     assert restored.sealed_texts == method.memory.sealed_texts
     with pytest.raises(ValueError, match="resume with the same model"):
         SideMemory((3, 3), 0.88, 0.2, 0).set_extra_state(state["memory._extra_state"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"module": "model.layers.3.mlp.down_proj"}, "module: .*layers.2.*"), ({"score": "centred"}, "score: .*'paper'")],
+)
+def test_resume_refuses_a_memory_of_another_block_or_score(tiny_llama, bind, tiny_requests, setting, message):
+    """A memory of one block has the shape of every block's: a resume whose settings resolve elsewhere (a changed
+    preset, another ``module`` or ``score``) must fail, not load the memory into the wrong place."""
+    method = bind(small_wise(), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    state = method.memory.get_extra_state()
+    other = SideMemory(method.memory.shape, 0.88, 0.2, 0, **{"module": MODULE, "score": "paper", **setting})
+    with pytest.raises(ValueError, match=message):
+        other.set_extra_state(state)
+    legacy = {k: v for k, v in state.items() if k not in ("module", "score")}  # a checkpoint before session 7
+    other.set_extra_state(legacy)
 
 
 def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_path):
