@@ -22,22 +22,18 @@ ARG = "--model.method.init_args."
 
 
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``preset[_q]`` or
-    ``b<block>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<swaps>]`` (block of the side memory, the paper's or
-    the centred score, the maximum token score for every row, the release's stop rule: loss only, no argmax stop,
-    questions in the model-sampled pool, the threshold slack, subject swaps per edit)."""
-    if name.startswith("preset"):
-        if name not in ("preset", "preset_q"):
-            raise SystemExit(f"variant '{name}': expected preset or preset_q")
-        return [f"{ARG}pool_questions", "true"] if name == "preset_q" else []
+    """Settings of a variant named ``<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>]``:
+    the shipped preset or the block of the side memory, then the paper's or the centred score, the maximum token
+    score for every row, the release's stop rule (loss only, no argmax stop), questions in the model-sampled pool, the
+    threshold slack, subject swaps per edit, rehearsed earlier edits per step."""
     block, *flags = name.split("_")
-    numbered = [f for f in flags if f[:1] in "sw" and f[1:].replace(".", "", 1).isdigit()]
+    numbered = [f for f in flags if f[:1] in "swr" and f[1:].replace(".", "", 1).isdigit()]
     known = {"paper", "centred", "max", "loss", "q", *numbered}
-    if not block.startswith("b") or not block[1:].isdigit() or set(flags) - known:
+    if not (block == "preset" or block.startswith("b") and block[1:].isdigit()) or set(flags) - known:
         raise SystemExit(
-            f"variant '{name}': expected preset[_q] or b<block>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>]"
+            f"variant '{name}': expected <preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>]"
         )
-    args = [f"{ARG}module", block[1:]]
+    args = [] if block == "preset" else [f"{ARG}module", block[1:]]
     for score in {"paper", "centred"} & set(flags):
         args += [f"{ARG}score", score]
     if "max" in flags:
@@ -46,8 +42,9 @@ def variant_args(name: str) -> list[str]:
         args += [f"{ARG}stop_on_argmax", "false"]
     if "q" in flags:
         args += [f"{ARG}pool_questions", "true"]
+    names = {"s": "slack", "w": "subject_swaps", "r": "rehearse"}
     for flag in numbered:
-        args += [f"{ARG}slack" if flag[0] == "s" else f"{ARG}subject_swaps", flag[1:]]
+        args += [f"{ARG}{names[flag[0]]}", flag[1:]]
     return args
 
 

@@ -150,8 +150,10 @@ class EditRows:
     """One step's rows and the activations below the side memory, captured once without gradient.
 
     Attributes:
-        rows: every request written behind each prefix (and bare), followed by ``target_new``.
-        owner: ``(B,)`` request index of each row.
+        rows: every request written behind each prefix (and bare), followed by ``target_new``; then the rehearsed
+            earlier edits of the memory (``rehearse``), bare.
+        owner: ``(E,)`` request index of each of the first ``E`` rows, those of this step's requests (the routing
+            margins concern them; the rehearsed rows only add cross entropy).
         hidden: ``(B, T, d)`` input of the side-memory block.
         a: ``(B, T, d_in)`` input of the side-memory projection.
         a_irr, irr_mask: the same for the irrelevant sentences, and their attention mask.
@@ -165,6 +167,11 @@ class EditRows:
     a_irr: torch.Tensor
     irr_mask: torch.Tensor
     irr_owner: torch.Tensor
+
+    @property
+    def edit_rows(self) -> int:
+        """How many leading rows are this step's requests (the rest are rehearsed edits)."""
+        return len(self.owner)
 
 
 class WISE(EditMethod):
@@ -228,7 +235,10 @@ class WISE(EditMethod):
             a one- or two-word span of a model-sampled sentence, followed by the new target (this project's
             extension, not in the paper), so the memory cannot route on the template and answer an edit shares with
             its neighbourhood ("The capital of Spain is Madrid" beside the edit "The capital of France is Madrid").
-        seed: seed of prefixes, pool sample, pool choice, shard masks and replay.
+        rehearse: per step, this many earlier edits of the memory being edited (bare prompt and target, drawn at
+            random) join the step's cross entropy (this project's extension, not in the paper, against the forgetting
+            measured inside one memory: later edits overwrite earlier ones, docs/wise.md). 0: the paper's training.
+        seed: seed of prefixes, pool sample, pool choice, shard masks, replay and rehearsal.
     """
 
     @check_arguments
@@ -259,6 +269,7 @@ class WISE(EditMethod):
         long_input_max: NonNegativeInt | None = 100,
         score: Score | None = None,
         subject_swaps: NonNegativeInt = 0,
+        rehearse: NonNegativeInt = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -281,7 +292,7 @@ class WISE(EditMethod):
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
-        self.subject_swaps = subject_swaps
+        self.subject_swaps, self.rehearse = subject_swaps, rehearse
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
         self.module_name = ""
         self.block = -1
@@ -401,11 +412,13 @@ class WISE(EditMethod):
         """Rows of the step and their activations below the side memory, captured once without gradient."""
         model, tokenizer = self.model, self.tokenizer
         start = time.perf_counter()
-        prompts = [t.replace("{}", r.text) for r in requests for t in self.templates]
-        targets = [r.target_new for r in requests for _ in self.templates]
+        rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
+        irrelevant, irr_owner = self._irrelevant(requests, rng)
+        rehearsed = rng.sample(self.memory.current_texts(), min(self.rehearse, len(self.memory.current_texts())))
+        prompts = [t.replace("{}", r.text) for r in requests for t in self.templates] + [p for p, _ in rehearsed]
+        targets = [r.target_new for r in requests for _ in self.templates] + [t for _, t in rehearsed]
         rows = encode_rows(tokenizer, prompts, None, targets, device=model.device)
         owner = torch.arange(len(requests), device=model.device).repeat_interleave(len(self.templates))
-        irrelevant, irr_owner = self._irrelevant(requests)
         irr_rows = encode_rows(tokenizer, [t for t, _ in irrelevant], None, None, device=model.device)
         prev_block = f"{architecture_of(model).blocks}.{self.block - 1}"
         with self.router.disabled():
@@ -422,10 +435,9 @@ class WISE(EditMethod):
             irr_owner.to(model.device),
         )
 
-    def _irrelevant(self, requests: Sequence[EditRequest]) -> tuple[Texts, torch.Tensor]:
+    def _irrelevant(self, requests: Sequence[EditRequest], rng: random.Random) -> tuple[Texts, torch.Tensor]:
         """One irrelevant sentence and ``subject_swaps`` subject-swapped prompts per request (-> its request index),
         plus ``replay`` old edits (-> -1: all)."""
-        rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
         chosen: Texts = []
         for r in requests:
             if self.irrelevant_pool == "locality" and r.locality:
@@ -456,7 +468,7 @@ class WISE(EditMethod):
         full_mask = rows.attention_mask
         positions = torch.arange(full_mask.shape[1], device=full_mask.device)[None]
         prompt_mask = full_mask * (positions <= rows.last_prompt_pos[:, None])
-        irr_owner = plan.irr_owner
+        irr_owner, e = plan.irr_owner, plan.edit_rows  # rows past e are rehearsed edits: cross entropy only
         own = irr_owner[None] == torch.arange(n, device=irr_owner.device)[:, None]  # (n, n_irr)
         pairs = own | (irr_owner[None] == -1)  # replayed edits count against every request
         grad_mask = self.memory.current_mask().float()
@@ -478,8 +490,8 @@ class WISE(EditMethod):
                     ce = mean_per_row(token_nll, r, len(rows)).mean()
                     s_edit = torch.cat(
                         [
-                            self.router.scores(a, tau, full_mask),
-                            self.router.scores(a, tau, prompt_mask),
+                            self.router.scores(a[:e], tau, full_mask[:e]),
+                            self.router.scores(a[:e], tau, prompt_mask[:e]),
                         ]
                     )
                     s_irr = self.router.scores(a_irr, tau, plan.irr_mask)
@@ -511,7 +523,7 @@ class WISE(EditMethod):
             self.router.editing_tau = None
         with torch.no_grad():
             self.memory.working = tau.detach()
-            bare = torch.arange(0, len(rows), len(self.templates), device=owner.device)  # the "{}" row of each request
+            bare = torch.arange(0, e, len(self.templates), device=owner.device)  # the "{}" row of each request
             s_bare = torch.minimum(
                 self.router.scores(a[bare], self.memory.working, full_mask[bare]),
                 self.router.scores(a[bare], self.memory.working, prompt_mask[bare]),
@@ -522,6 +534,7 @@ class WISE(EditMethod):
             "train/wise_loss": loss_value,
             "train/wise_steps": float(used),
             "train/wise_tokens": float(tokens),
+            "train/wise_rehearsed": float(len(rows) - e),
             "wise/edit_score": float(s_bare.min()),
             "wise/threshold": self.memory.slack * self.memory.current_min(),
             "wise/memories": float(self.memory.memory_count()),  # after this step's edit, before any merge

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import random
 
 import pytest
 import torch
@@ -164,6 +166,25 @@ def test_edit_raises_target_probability_through_the_router(tiny_llama, bind, cha
     assert math.isfinite(method.memory.working_min)
 
 
+def test_rehearsal_trains_earlier_edits_of_the_memory_again(tiny_llama, bind, char_tokenizer, tiny_requests):
+    first, second = tiny_requests[:2]
+    nll = {}
+    for rehearse in (0, 1):
+        model = copy.deepcopy(tiny_llama)  # each method hooks its own router into the model
+        method = bind(small_wise(steps=30, lr=0.5, rehearse=rehearse, stop_loss=0.0), model)
+        method.apply([first], method.prepare([first]))
+        plan = method.prepare([second])
+        assert plan.edit_rows == len(method.templates)
+        assert len(plan.rows) == plan.edit_rows + rehearse
+        if rehearse:  # the rehearsed row is the earlier edit, bare, with its target
+            ids = plan.rows.input_ids[-1][plan.rows.attention_mask[-1].bool()].tolist()
+            assert char_tokenizer.decode(ids).startswith(first.text)
+        method.apply([second], plan)
+        assert method.step_log()["train/wise_rehearsed"] == rehearse
+        nll[rehearse] = score_targets(model, char_tokenizer, [first.text], [first.target_new]).nll
+    assert nll[1] < nll[0], "rehearsing the first edit must keep it better learned than training on the second alone"
+
+
 def test_weight_decay_pulls_the_whole_copy_toward_zero(tiny_model, bind, tiny_requests):
     lr, decay, steps = 0.5, 0.1, 3
     method = bind(small_wise(lr=lr, weight_decay=decay, steps=steps, stop_loss=0.0), tiny_model)
@@ -231,7 +252,7 @@ def test_pool_questions_make_every_second_sampled_sentence_a_question(tiny_llama
 
 def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edit(tiny_llama, bind, tiny_requests):
     method = bind(small_wise(subject_swaps=3), tiny_llama)
-    irrelevant, owner = method._irrelevant(tiny_requests[:2])
+    irrelevant, owner = method._irrelevant(tiny_requests[:2], random.Random(0))
     assert owner.tolist() == [0, 1, 0, 0, 0, 1, 1, 1]  # the pool sentence of each request, then its swaps
     for (text, _), i in zip(irrelevant[2:], owner[2:].tolist(), strict=True):
         head, tail = tiny_requests[i].prompt.split("{}")
