@@ -12,7 +12,7 @@ export and reload are in :mod:`editing.wise_export`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -93,7 +93,10 @@ class SideMemory(nn.Module):
 
     Each memory keeps the ``(prompt, target)`` texts of its edits (thresholds are recomputed from them after a merge,
     and WISE-Retrieve replays them) and ``min_score``, the lowest routing score of its edits; its threshold is
-    ``slack * min_score``. All of it is this module's extra state, so it travels in Lightning checkpoints.
+    ``slack * min_score``, raised to ``floor(tau)`` when a floor rule is set (:attr:`floor`: WISE's
+    ``threshold_quantile``, a quantile of the memory's scores on unrelated sentences, this project's extension). All
+    of it but the floor rule is this module's extra state, so it travels in Lightning checkpoints; the rule is
+    rebuilt by its owner and its values recomputed whenever the memories change.
 
     Args:
         shape: ``(d_out, d_in)`` of the projection.
@@ -142,6 +145,8 @@ class SideMemory(nn.Module):
         self.shard_edits = 0  # edits of the working memory since the last shard save
         self._version = 0  # bumped by every change of the memories: keys the cached preview merge
         self._preview: tuple[int, torch.Tensor] | None = None
+        self.floor: Callable[[torch.Tensor], float] | None = None  # lowest threshold of a memory, from its task vector
+        self._floors: tuple[int, list[float]] | None = None  # the floors of the answering memories, per version
 
     # -- memories and thresholds ---------------------------------------------------------------------------------
     def current(self) -> tuple[torch.Tensor, float]:
@@ -187,7 +192,11 @@ class SideMemory(nn.Module):
             else:
                 tau, min_score = self.current()
                 memories.append((tau, self.slack * min_score))
-        return memories
+        if self.floor is None:
+            return memories
+        if self._floors is None or self._floors[0] != self._version:
+            self._floors = (self._version, [self.floor(tau) for tau, _ in memories])
+        return [(tau, max(t, f)) for (tau, t), f in zip(memories, self._floors[1], strict=True)]
 
     def memory_texts(self) -> list[list[tuple[str, str]]]:
         """The edit texts of every answering memory, in :meth:`answering` order."""

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -238,6 +238,11 @@ class WISE(EditMethod):
         rehearse: per step, this many earlier edits of the memory being edited (bare prompt and target, drawn at
             random) join the step's cross entropy (this project's extension, not in the paper, against the forgetting
             measured inside one memory: later edits overwrite earlier ones, docs/wise.md). 0: the paper's training.
+        threshold_quantile: a memory's threshold is at least this quantile of its routing scores on ``pool_size``
+            sentences sampled from the unedited model apart from the irrelevant pool (never trained on), recomputed
+            whenever the memories change (this project's extension, not in the paper: the threshold follows the
+            unrelated scores as they grow with the memory, instead of only the lowest edit score). ``None``: the
+            paper's ``slack *`` lowest edit score alone.
         seed: seed of prefixes, pool sample, pool choice, shard masks, replay and rehearsal.
     """
 
@@ -270,6 +275,7 @@ class WISE(EditMethod):
         score: Score | None = None,
         subject_swaps: NonNegativeInt = 0,
         rehearse: NonNegativeInt = 0,
+        threshold_quantile: PositiveFraction | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -292,8 +298,9 @@ class WISE(EditMethod):
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
-        self.subject_swaps, self.rehearse = subject_swaps, rehearse
+        self.subject_swaps, self.rehearse, self.threshold_quantile = subject_swaps, rehearse, threshold_quantile
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
+        self.held_out: list[str] = []  # the unrelated sentences threshold_quantile measures
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
@@ -354,6 +361,24 @@ class WISE(EditMethod):
             self.spans = _word_spans(sampled)
         if self.score == "centred":  # not state: the same seeded sample of the unedited model gives it on resume
             self.router.centre = self._mean_input(sampled)
+        if self.threshold_quantile is not None:  # likewise rebuilt from its seed on resume
+            prompts = [self._pool_seed(i) for i in range(self.pool_size)]
+            self.held_out = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 2, top_k=50)]
+            self.memory.floor = self._quantile_floor(self.held_out, self.threshold_quantile)
+
+    @torch.no_grad()
+    def _quantile_floor(self, texts: Sequence[str], q: float) -> Callable[[torch.Tensor], float]:
+        """``tau -> the q-quantile of its routing scores on texts`` (their projection inputs captured once: the memory
+        sits on the projection, so what comes in does not depend on it)."""
+        rows = encode_rows(self.tokenizer, list(texts), None, None, device=self.model.device)
+        with self.router.disabled():
+            a = capture(self.model, rows, {self.module_name: "input"})[self.module_name]
+        mask = rows.attention_mask
+
+        def floor(tau: torch.Tensor) -> float:
+            return float(torch.quantile(self.router.scores(a, tau, mask), q))
+
+        return floor
 
     def _pool_seed(self, i: int) -> str:
         """The word the ``i``-th model-sampled pool sentence starts from."""
@@ -536,7 +561,7 @@ class WISE(EditMethod):
             "train/wise_tokens": float(tokens),
             "train/wise_rehearsed": float(len(rows) - e),
             "wise/edit_score": float(s_bare.min()),
-            "wise/threshold": self.memory.slack * self.memory.current_min(),
+            "wise/threshold": self.memory.answering()[-1][1],  # the current memory's, with its floor
             "wise/memories": float(self.memory.memory_count()),  # after this step's edit, before any merge
             "wise/shard": float(self.memory.shard),
         }

@@ -185,6 +185,26 @@ def test_rehearsal_trains_earlier_edits_of_the_memory_again(tiny_llama, bind, ch
     assert nll[1] < nll[0], "rehearsing the first edit must keep it better learned than training on the second alone"
 
 
+def test_threshold_quantile_keeps_held_out_sentences_out_as_the_memory_grows(tiny_llama, bind, tiny_requests):
+    held_out = bind(small_wise(threshold_quantile=0.5, pool_size=8), copy.deepcopy(tiny_llama)).held_out
+    assert len(held_out) == 8
+    routed = {}
+    for quantile in (None, 0.5):
+        model = copy.deepcopy(tiny_llama)  # each method hooks its own router into the model
+        method = bind(small_wise(slack=0.01, threshold_quantile=quantile, pool_size=8), model)
+        thresholds = []
+        for request in tiny_requests[:2]:
+            method.apply([request], method.prepare([request]))
+            scores, threshold = method.scores_of([(text, "") for text in held_out])
+            thresholds.append(float(threshold[-1]))
+            routed[quantile] = float((scores[-1] > threshold[-1]).float().mean())
+        if quantile is not None:
+            assert thresholds[1] != thresholds[0], "the floor is recomputed when the memory changes"
+            assert method.step_log()["wise/threshold"] == thresholds[1]
+    assert routed[None] == 1.0, "a slack of 0.01 alone routes every unrelated sentence"
+    assert routed[0.5] <= 0.5
+
+
 def test_weight_decay_pulls_the_whole_copy_toward_zero(tiny_model, bind, tiny_requests):
     lr, decay, steps = 0.5, 0.1, 3
     method = bind(small_wise(lr=lr, weight_decay=decay, steps=steps, stop_loss=0.0), tiny_model)
