@@ -38,13 +38,15 @@ METHODS: dict[str, list[str]] = {
     "lyaplock_q1": ["--config", "configs/lyaplock.yaml", "--model.method.init_args.budget", "1e12"],
     # a budget this stream's D(W) passes after ~400 edits (the preset's 60 is at 23% after 1,000): the queue acts
     "lyaplock_tight": ["--config", "configs/lyaplock.yaml", "--model.method.init_args.budget", "4"],
+    # capacity or drift: the preset and the tight budget with blocks 3-12 instead of 3-7
     "lyaplock_10layers": [
-        "--config",
-        "configs/lyaplock.yaml",
-        "--model.method.init_args.layers",
-        "[3,4,5,6,7,8,9,10,11,12]",
+        "--config", "configs/lyaplock.yaml", "--model.method.init_args.layers", "[3,4,5,6,7,8,9,10,11,12]",
     ],
-}
+    "lyaplock_tight_10layers": [
+        "--config", "configs/lyaplock.yaml", "--model.method.init_args.budget", "4",
+        "--model.method.init_args.layers", "[3,4,5,6,7,8,9,10,11,12]",
+    ],
+}  # fmt: skip
 MILESTONES = (1000, 2000, 5000, 10000)
 KEYS = ("efficacy", "generalization", "specificity", "locality", "perplexity", "scored_edits")
 
