@@ -157,7 +157,9 @@ def main() -> None:
         run_method(name, opts, work / name, out)
         results["runs"][name] = at_milestones(json.loads((work / name / "summary.json").read_text()))
         write_results(results, out)
-    write_report([work / name for name in results["runs"] if (work / name / "summary.json").exists()], out / "all")
+    finished = [work / name for name in results["runs"] if (work / name / "summary.json").exists()]
+    if len(finished) > 1:  # one run's report is already in out/<name>
+        write_report(finished, out / "all")
     print(f"wrote {out}")
 
 
