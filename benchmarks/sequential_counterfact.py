@@ -13,47 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runs import DATA, REPO, run_cli  # noqa: E402
-
-from editing.cache import default_cache_dir  # noqa: E402
-from editing.models import EMBEDDED_MODEL, architecture_of, default_mlp_layers, resolve_source  # noqa: E402
+from flops import matmul_flops_per_second, upper_block_params  # noqa: E402
 
 METHODS = {"lyaplock": "configs/lyaplock.yaml", "memit": "configs/memit.yaml", "alphaedit": "configs/alphaedit.yaml"}
-
-
-def matmul_flops_per_second(size: int = 2048, repeats: int = 5, trials: int = 3) -> float:
-    """Best-of-``trials`` float32 matmul throughput of this machine (the denominator of the FLOP floor)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
-
-
-def upper_block_params(config_path: Path) -> int:
-    """Parameters of the blocks above the shift layer (the last edited one: the config's ``layers``, else the model's
-    default): each target iteration costs ~4 FLOPs per parameter and token (forward 2, backward 2: gradients flow to
-    activations only, never to weights)."""
-    config = AutoConfig.from_pretrained(resolve_source(EMBEDDED_MODEL, default_cache_dir()))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    layers = yaml.safe_load(config_path.read_text())["model"]["method"].get("init_args", {}).get("layers")
-    shift_layer = (layers or default_mlp_layers(model))[-1]
-    blocks = model.get_submodule(architecture_of(model).blocks)
-    per_block = sum(p.numel() for p in blocks[0].parameters())
-    return per_block * (len(blocks) - shift_layer - 1)
 
 
 def main() -> None:

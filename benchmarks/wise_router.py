@@ -21,18 +21,19 @@ from cli_runs import REPO, run_cli
 ARG = "--model.method.init_args."
 
 
+GRAMMAR = "<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>][_t<q>]"
+
+
 def variant_args(name: str) -> list[str]:
-    """Settings of a variant named ``<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>]``:
-    the shipped preset or the block of the side memory, then the paper's or the centred score, the maximum token
-    score for every row, the release's stop rule (loss only, no argmax stop), questions in the model-sampled pool, the
-    threshold slack, subject swaps per edit, rehearsed earlier edits per step."""
+    """Settings of a variant named by :data:`GRAMMAR`: the shipped preset or the block of the side memory, then the
+    paper's or the centred score, the maximum token score for every row, the release's stop rule (loss only, no argmax
+    stop), questions in the model-sampled pool, the threshold slack, subject swaps per edit, rehearsed earlier edits
+    per step, the threshold quantile."""
     block, *flags = name.split("_")
-    numbered = [f for f in flags if f[:1] in "swr" and f[1:].replace(".", "", 1).isdigit()]
+    numbered = [f for f in flags if f[:1] in "swrt" and f[1:].replace(".", "", 1).isdigit()]
     known = {"paper", "centred", "max", "loss", "q", *numbered}
     if not (block == "preset" or block.startswith("b") and block[1:].isdigit()) or set(flags) - known:
-        raise SystemExit(
-            f"variant '{name}': expected <preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>]"
-        )
+        raise SystemExit(f"variant '{name}': expected {GRAMMAR}")
     args = [] if block == "preset" else [f"{ARG}module", block[1:]]
     for score in {"paper", "centred"} & set(flags):
         args += [f"{ARG}score", score]
@@ -42,7 +43,7 @@ def variant_args(name: str) -> list[str]:
         args += [f"{ARG}stop_on_argmax", "false"]
     if "q" in flags:
         args += [f"{ARG}pool_questions", "true"]
-    names = {"s": "slack", "w": "subject_swaps", "r": "rehearse"}
+    names = {"s": "slack", "w": "subject_swaps", "r": "rehearse", "t": "threshold_quantile"}
     for flag in numbered:
         args += [f"{ARG}{names[flag[0]]}", flag[1:]]
     return args
