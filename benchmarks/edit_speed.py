@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli_runs import DATA, REPO, run_cli  # noqa: E402
-from flops import matmul_flops_per_second, upper_block_params  # noqa: E402
+from flops import matmul_flops_per_second, mlp_shape, upper_block_params  # noqa: E402
 
 from editing.locate import compute_targets, generate_context_templates  # noqa: E402
 from editing.models import DTYPES, default_mlp_layers, load_model, reduced_precision_copy  # noqa: E402
@@ -131,7 +131,7 @@ def main() -> None:
         sys.exit(f"data file {opts.data} not found (expected ../shared/data beside the repo)")
     if any(opts.limit % n for n in opts.edits_per_step):
         sys.exit(f"--limit {opts.limit} is not a multiple of every --edits-per-step {opts.edits_per_step}")
-    hidden, intermediate = 576, 1536  # SmolLM2-135M's MLP: the shape of most upper-block matmuls
+    hidden, intermediate = mlp_shape()
     rates = {
         name: matmul_flops_per_second(2048, hidden, intermediate, dtype)
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from editing.cache import default_cache_dir
 from editing.models import EMBEDDED_MODEL, architecture_of, default_mlp_layers, resolve_source
@@ -28,13 +28,23 @@ def matmul_flops_per_second(
     return best
 
 
+def embedded_config() -> PretrainedConfig:
+    """The embedded model's config (its shapes; no weights loaded)."""
+    return AutoConfig.from_pretrained(resolve_source(EMBEDDED_MODEL, default_cache_dir()))
+
+
+def mlp_shape() -> tuple[int, int]:
+    """``(hidden, intermediate)`` of the embedded model's MLP: the shape of most upper-block matmuls."""
+    config = embedded_config()
+    return config.hidden_size, config.intermediate_size
+
+
 def upper_block_params(config_path: Path) -> int:
     """Parameters of the blocks above the shift layer (the last edited one: the config's ``layers``, else the model's
     default): each target iteration costs ~4 FLOPs per parameter and token (forward 2, backward 2: gradients flow to
     activations only, never to weights)."""
-    config = AutoConfig.from_pretrained(resolve_source(EMBEDDED_MODEL, default_cache_dir()))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(embedded_config())
     layers = yaml.safe_load(config_path.read_text())["model"]["method"].get("init_args", {}).get("layers")
     shift_layer = (layers or default_mlp_layers(model))[-1]
     blocks = model.get_submodule(architecture_of(model).blocks)
