@@ -21,17 +21,18 @@ from cli_runs import REPO, run_cli
 ARG = "--model.method.init_args."
 
 
-GRAMMAR = "<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>][_t<q>]"
+GRAMMAR = "<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>][_t<q>][_bf16|_f32]"
 
 
 def variant_args(name: str) -> list[str]:
     """Settings of a variant named by :data:`GRAMMAR`: the shipped preset or the block of the side memory, then the
     paper's or the centred score, the maximum token score for every row, the release's stop rule (loss only, no argmax
     stop), questions in the model-sampled pool, the threshold slack, subject swaps per edit, rehearsed earlier edits
-    per step, the threshold quantile."""
+    per step, the threshold quantile, and the precision of the frozen model during the memory's SGD (``train_precision``
+    bfloat16, or the model's own float32)."""
     block, *flags = name.split("_")
     numbered = [f for f in flags if f[:1] in "swrt" and f[1:].replace(".", "", 1).isdigit()]
-    known = {"paper", "centred", "max", "loss", "q", *numbered}
+    known = {"paper", "centred", "max", "loss", "q", "bf16", "f32", *numbered}
     if not (block == "preset" or block.startswith("b") and block[1:].isdigit()) or set(flags) - known:
         raise SystemExit(f"variant '{name}': expected {GRAMMAR}")
     args = [] if block == "preset" else [f"{ARG}module", block[1:]]
@@ -43,6 +44,9 @@ def variant_args(name: str) -> list[str]:
         args += [f"{ARG}stop_on_argmax", "false"]
     if "q" in flags:
         args += [f"{ARG}pool_questions", "true"]
+    for flag, precision in (("bf16", "bfloat16"), ("f32", "model")):
+        if flag in flags:
+            args += [f"{ARG}train_precision", precision]
     names = {"s": "slack", "w": "subject_swaps", "r": "rehearse", "t": "threshold_quantile"}
     for flag in numbered:
         args += [f"{ARG}{names[flag[0]]}", flag[1:]]

@@ -274,3 +274,12 @@ def reduced_precision_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTra
         param.requires_grad_(False)
         param.data = param.data.to(dtype)
     return copy.eval()
+
+
+def precision_runner(model: PreTrainedModel, precision: str) -> PreTrainedModel | None:
+    """:func:`reduced_precision_copy` in the dtype a ``*_precision`` argument names (:data:`DTYPES`), or ``None``
+    (run the model itself) for ``"model"`` or the model's own dtype."""
+    dtype = DTYPES.get(precision)
+    if dtype is None or dtype == model.dtype:
+        return None
+    return reduced_precision_copy(model, dtype)

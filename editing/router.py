@@ -67,9 +67,8 @@ class Router:
         self.bank = bank
         self.long_input_max = long_input_max
         self.centre = centre
-        # Not checkpointed: the differentiable task vector while editing (it answers every row), the attention mask
-        # of the current forward pass, and the route of the last prefill (reused by passes that continue a KV cache).
-        self.editing_tau: torch.Tensor | None = None
+        # Not checkpointed: the attention mask of the current forward pass, and the route of the last prefill (reused
+        # by passes that continue a KV cache).
         self.enabled = True
         self._mask: torch.Tensor | None = None
         self._continuation = False
@@ -107,8 +106,6 @@ class Router:
         if not self.enabled:
             return None
         a = args[0]
-        if self.editing_tau is not None:
-            return output + F.linear(a, self.editing_tau.to(a.dtype))
         memories = self.bank.answering()
         if not memories:
             return None

@@ -38,7 +38,7 @@ from editing.locate import (
     generate_context_templates,
     spread_residual,
 )
-from editing.models import DTYPES, EditedWeight, default_mlp_layers, reduced_precision_copy
+from editing.models import EditedWeight, default_mlp_layers, precision_runner
 from editing.requests import EditRequest
 from editing.stats import load_or_collect_second_moments
 
@@ -308,11 +308,8 @@ class LocateThenEdit(EditMethod):
         """The reduced-precision copy that runs the upper blocks of the target optimisation (``None``: the model).
 
         Made at the first step, after any checkpoint is restored; the blocks it is read for are never edited."""
-        dtype = DTYPES.get(self.target_precision)  # None for "model"
-        if dtype is None or dtype == self.model.dtype:
-            return None
         if self._runner is None:
-            self._runner = (reduced_precision_copy(self.model, dtype),)
+            self._runner = (precision_runner(self.model, self.target_precision),)
         return self._runner[0]
 
     def c0(self, i: int) -> torch.Tensor:

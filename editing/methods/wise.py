@@ -19,17 +19,19 @@ side-memory block up, the LM head only at target positions, and all rows of all 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -37,10 +39,10 @@ from transformers.pytorch_utils import Conv1D
 
 from editing.arguments import PositiveFraction, check_arguments
 from editing.corpus import SAMPLE_SEEDS, file_texts
-from editing.forward import blocks_from, capture, log_softmax_at
+from editing.forward import attention_implementation, blocks_from, capture, log_softmax_at
 from editing.locate import generate_context_templates
-from editing.methods.base import EditMethod
-from editing.models import architecture_of, sample_text
+from editing.methods.base import EditMethod, TargetPrecision
+from editing.models import architecture_of, precision_runner, sample_text
 from editing.requests import EditRequest
 from editing.router import Router
 from editing.rows import EncodedRows, encode_rows, mean_per_row
@@ -238,6 +240,11 @@ class WISE(EditMethod):
         rehearse: per step, this many earlier edits of the memory being edited (bare prompt and target, drawn at
             random) join the step's cross entropy (this project's extension, not in the paper, against the forgetting
             measured inside one memory: later edits overwrite earlier ones, docs/wise.md). 0: the paper's training.
+        train_precision: dtype of the frozen model during the memory's SGD: ``model`` (its own) or
+            ``bfloat16``/``float16`` (a frozen copy made at set-up, as WISE never changes the main weights; this
+            project's, for speed: a bfloat16 matmul runs several times faster than float32 on AMX CPUs and tensor
+            cores). The task vector, its gradient, the captured activations, routing scores and thresholds keep
+            float32; evaluation and routing always run the model itself.
         threshold_quantile: a memory's threshold is at least this quantile of its routing scores on ``pool_size``
             sentences sampled from the unedited model apart from the irrelevant pool (never trained on), recomputed
             whenever the memories change (this project's extension, not in the paper: the threshold follows the
@@ -276,6 +283,7 @@ class WISE(EditMethod):
         subject_swaps: NonNegativeInt = 0,
         rehearse: NonNegativeInt = 0,
         threshold_quantile: PositiveFraction | None = None,
+        train_precision: TargetPrecision = "model",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -299,6 +307,8 @@ class WISE(EditMethod):
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
         self.subject_swaps, self.rehearse, self.threshold_quantile = subject_swaps, rehearse, threshold_quantile
+        self.train_precision = train_precision
+        self._runner: tuple[PreTrainedModel | None] = (None,)  # a tuple: the copy is neither a submodule nor state
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
         self.held_out: list[str] = []  # the unrelated sentences threshold_quantile measures
         self.module_name = ""
@@ -347,6 +357,7 @@ class WISE(EditMethod):
             self.score,
         )
         self.memory.to(model.device)
+        self._runner = (precision_runner(model, self.train_precision),)  # before the router's hooks: the copy has none
         self.router = Router(self.memory, self.long_input_max)
         self.router.attach(model, self.module_name)
         seeds = PREFIX_SEEDS[: self.prefixes]
@@ -501,16 +512,17 @@ class WISE(EditMethod):
         tau = self.memory.working.clone().requires_grad_(True)
         opt = torch.optim.SGD([tau], lr=self.lr)
         loss_value, previous, used, tokens = float("nan"), math.inf, self.steps, 0
-        self.router.editing_tau = tau
-        try:
+        runner = self._runner[0] or model
+        hidden = plan.hidden.to(runner.dtype)
+        dummy = torch.zeros_like(rows.input_ids)
+        with self.training_pass(runner, tau):
             for step in range(self.steps):
                 with torch.enable_grad():
-                    with blocks_from(model, self.block - 1, plan.hidden):
-                        dummy = torch.zeros_like(rows.input_ids)
-                        final = model.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
+                    with blocks_from(runner, self.block - 1, hidden):
+                        final = runner.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
                     tokens += int(full_mask.sum())
                     r, p, ids = rows.target_positions()
-                    log_p = log_softmax_at(model, final[r, p])
+                    log_p = log_softmax_at(runner, final[r, p])
                     token_nll = -log_p.gather(1, ids[:, None])[:, 0]
                     ce = mean_per_row(token_nll, r, len(rows)).mean()
                     s_edit = torch.cat(
@@ -544,8 +556,6 @@ class WISE(EditMethod):
                 opt.step()
                 with torch.no_grad():
                     tau.clamp_(-self.norm_constraint, self.norm_constraint)
-        finally:
-            self.router.editing_tau = None
         with torch.no_grad():
             self.memory.working = tau.detach()
             bare = torch.arange(0, e, len(self.templates), device=owner.device)  # the "{}" row of each request
@@ -565,6 +575,20 @@ class WISE(EditMethod):
             "wise/memories": float(self.memory.memory_count()),  # after this step's edit, before any merge
             "wise/shard": float(self.memory.shard),
         }
+
+    @contextlib.contextmanager
+    def training_pass(self, runner: PreTrainedModel, tau: torch.Tensor) -> Iterator[None]:
+        """``runner`` (the model or its reduced-precision copy) with the differentiable task vector ``tau`` answering
+        every row at the side-memory projection, the router off, and plain matmul attention on a CPU (PyTorch's
+        fused attention backward is several times slower there on short rows, as in the target optimisation)."""
+        projection = runner.get_submodule(self.module_name)
+        handle = projection.register_forward_hook(lambda m, args, out: out + F.linear(args[0], tau.to(args[0].dtype)))
+        eager = "eager" if runner.device.type == "cpu" else None
+        try:
+            with self.router.disabled(), attention_implementation(runner, eager):
+                yield
+        finally:
+            handle.remove()
 
     def _hinge(self, excess: torch.Tensor) -> torch.Tensor:
         """A margin term ``mean max(0, excess)``: over the positive entries only (the release; 0 when none is), or

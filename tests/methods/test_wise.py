@@ -166,6 +166,31 @@ def test_edit_raises_target_probability_through_the_router(tiny_llama, bind, cha
     assert math.isfinite(method.memory.working_min)
 
 
+def test_bfloat16_training_copy_learns_the_edit_like_the_model_and_answers_nothing_itself(
+    tiny_llama, bind, char_tokenizer, tiny_requests
+):
+    request = tiny_requests[0]
+    before = score_targets(tiny_llama, char_tokenizer, [request.text], [request.target_new]).nll
+    taus, after = {}, {}
+    for precision in ("model", "bfloat16"):
+        model = copy.deepcopy(tiny_llama)  # each method hooks its own router into the model
+        method = bind(small_wise(steps=30, lr=0.5, stop_loss=0.0, train_precision=precision), model)
+        runner = method._runner[0]
+        if precision == "model":
+            assert runner is None, "the model's own precision needs no copy"
+        else:
+            assert runner.dtype == torch.bfloat16 and not any(p.requires_grad for p in runner.parameters())
+            assert not runner.get_submodule(MODULE)._forward_hooks, "the copy must not carry the router"
+        method.apply([request], method.prepare([request]))
+        taus[precision] = method.memory.working
+        after[precision] = score_targets(model, char_tokenizer, [request.text], [request.target_new]).nll
+    assert taus["bfloat16"].dtype == torch.float32
+    assert after["bfloat16"] < before - 0.5, "training through the bfloat16 copy must learn the edit"
+    assert abs(after["bfloat16"] - after["model"]) < 0.25 * (before - after["model"])
+    cos = torch.nn.functional.cosine_similarity(taus["model"].flatten(), taus["bfloat16"].flatten(), dim=0)
+    assert cos > 0.9, f"the bfloat16 copy's task vector must follow the float32 one (cosine {cos:.3f})"
+
+
 def test_rehearsal_trains_earlier_edits_of_the_memory_again(tiny_llama, bind, char_tokenizer, tiny_requests):
     first, second = tiny_requests[:2]
     nll = {}
