@@ -146,6 +146,44 @@ def log_softmax_at(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
     return model.get_output_embeddings()(hidden).float().log_softmax(-1)
 
 
+LSE_CHUNK_ROWS = 32  # rows of 49k-word vocabularies per float32 chunk: a few MB, cache-sized
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """``log p(id) = logit_id - logsumexp(logits)`` per row, reduced in float32 a few rows at a time.
+
+    What ``logits.float().log_softmax(-1).gather(...)`` computes, without its full-vocabulary float32 tensors (the
+    cast, the log-softmax, the gather's zero-filled gradient and the casts back: ~40% of a target-optimisation
+    iteration in bfloat16 on a CPU, docs/benchmarks.md); the gradient ``g (onehot - softmax)`` is written once, in the
+    logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's signature
+        lse = torch.cat([chunk.float().logsumexp(-1) for chunk in logits.split(LSE_CHUNK_ROWS)])
+        ctx.save_for_backward(logits, ids, lse)
+        return logits.gather(1, ids[:, None])[:, 0].float() - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001 - autograd's signature
+        logits, ids, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for start in range(0, len(logits), LSE_CHUNK_ROWS):
+            rows = slice(start, start + LSE_CHUNK_ROWS)
+            g = grad[rows, None].float()
+            chunk = (logits[rows].float() - lse[rows, None]).exp_().mul_(-g)
+            out[rows] = chunk.scatter_add_(1, ids[rows, None], g)
+        return out, None
+
+
+def token_log_probs(
+    model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(ids) (N,) float32, argmax == ids (N,))`` from final hidden states ``(N, d)``: the LM head runs on these
+    only, and no full-vocabulary log-softmax is materialised (:class:`_TokenLogProb`); gradients flow when enabled."""
+    logits = model.get_output_embeddings()(hidden)
+    return _TokenLogProb.apply(logits, ids), logits.argmax(-1) == ids
+
+
 def target_log_probs(model: PreTrainedModel, rows: EncodedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced ``(log_p (N_tokens, V), row (N_tokens,), id (N_tokens,))`` at every real target token of
     ``rows``; gradients flow when enabled."""

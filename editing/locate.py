@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.forward import attention_implementation, blocks_from, capture, log_softmax_at
+from editing.forward import attention_implementation, blocks_from, capture, log_softmax_at, token_log_probs
 from editing.models import architecture_of, sample_text
 from editing.requests import EditRequest
 from editing.rows import EncodedRows, encode_rows, mean_per_row
@@ -342,11 +342,11 @@ def compute_targets(
         tokens += int(suffix.width[sel].sum())
         h_t, i_t, h_kl = final_states(sel, delta)
         live = active.nonzero()[:, 0]
-        log_p = log_softmax_at(head, torch.cat([h_t, h_kl[live]]))  # one LM head call for the whole step
         ids, tok_owner = t_ids[i_t], owner[t_row[i_t]]
-        token_lp = log_p[: len(ids)].gather(1, ids[:, None])[:, 0]
+        token_lp, hit = token_log_probs(head, h_t, ids)  # no full-vocabulary log-softmax at the target tokens
         nll = mean_per_row(-token_lp, tok_owner, n)
-        kl = torch.zeros(n, device=dev).index_add(0, live, essence_kl(log_p[len(ids) :], kl_init[live], kl_variant))
+        kl_lp = log_softmax_at(head, h_kl[live])  # the KL term reads the whole distribution, one row per request
+        kl = torch.zeros(n, device=dev).index_add(0, live, essence_kl(kl_lp, kl_init[live], kl_variant))
         decay = weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
         total = nll + kl_factor * kl + decay  # (n,)
         with torch.no_grad():
@@ -354,7 +354,7 @@ def compute_targets(
             if stop_rule == "loss":
                 done = active & (total < stop_loss)
             else:
-                lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (log_p[: len(ids)].argmax(-1) != ids).float())
+                lost = torch.zeros(n, device=dev).index_add(0, tok_owner, (~hit).float())
                 done = active & (lost == 0) & (prob >= stop_prob)
             for i in done.nonzero()[:, 0].tolist():
                 used[i] = step

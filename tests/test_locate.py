@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from editing.forward import blocks_from, capture
+from editing.forward import blocks_from, capture, log_softmax_at, token_log_probs
 from editing.locate import (
     LayerWalk,
     average_template_keys,
@@ -236,6 +236,33 @@ def test_blocks_from_reproduces_full_model(tiny_model, char_tokenizer, layer):
     torch.testing.assert_close(changed[:, :3], full[:, :3], atol=1e-5, rtol=1e-4)
     # the block list is restored
     assert tiny_model.get_submodule(architecture_of(tiny_model).blocks) is blocks and len(blocks) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_log_probs_equal_the_log_softmax_and_its_gradient(tiny_llama, dtype):
+    """The fused reduction (chunks of rows, no full-vocabulary log-softmax) against the plain one, over more rows than
+    one chunk."""
+    head = tiny_llama if dtype == torch.float32 else reduced_precision_copy(tiny_llama, dtype)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(70, tiny_llama.config.hidden_size, generator=generator, dtype=dtype)
+    ids = torch.randint(tiny_llama.config.vocab_size, (70,), generator=generator)
+    weights = torch.rand(70, generator=generator)
+    grads, values = [], []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        if fused:
+            lp, hit = token_log_probs(head, h, ids)
+        else:
+            full = log_softmax_at(head, h)
+            lp, hit = full.gather(1, ids[:, None])[:, 0], full.argmax(-1) == ids
+        (lp * weights).sum().backward()
+        values.append((lp.detach(), hit))
+        grads.append(h.grad.float())
+    assert values[0][0].dtype == torch.float32
+    torch.testing.assert_close(values[0][0], values[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(values[0][1], values[1][1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads[0], grads[1], atol=tol * grads[1].abs().max().item(), rtol=tol)
 
 
 def test_blocks_from_rejects_top_layer(tiny_llama):

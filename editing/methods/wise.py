@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from editing.arguments import PositiveFraction, check_arguments
 from editing.corpus import SAMPLE_SEEDS, file_texts
-from editing.forward import attention_implementation, blocks_from, capture, log_softmax_at
+from editing.forward import attention_implementation, blocks_from, capture, token_log_probs
 from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod, TargetPrecision
 from editing.models import architecture_of, precision_runner, sample_text
@@ -522,9 +522,8 @@ class WISE(EditMethod):
                         final = runner.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
                     tokens += int(full_mask.sum())
                     r, p, ids = rows.target_positions()
-                    log_p = log_softmax_at(runner, final[r, p])
-                    token_nll = -log_p.gather(1, ids[:, None])[:, 0]
-                    ce = mean_per_row(token_nll, r, len(rows)).mean()
+                    token_lp, hit = token_log_probs(runner, final[r, p], ids)
+                    ce = mean_per_row(-token_lp, r, len(rows)).mean()
                     s_edit = torch.cat(
                         [
                             self.router.scores(a[:e], tau, full_mask[:e]),
@@ -544,7 +543,7 @@ class WISE(EditMethod):
                     flat = abs(loss_value - previous) <= self.stop_flatness
                     previous = loss_value
                     if (loss_value <= self.stop_loss and flat) or (
-                        self.stop_on_argmax and self._learned(log_p, ids, s_edit, gap)
+                        self.stop_on_argmax and self._learned(hit, s_edit, gap)
                     ):
                         used = step
                         break
@@ -604,12 +603,10 @@ class WISE(EditMethod):
         w = module.weight.detach()
         return (w.T if isinstance(module, Conv1D) else w).float()
 
-    def _learned(self, log_p: torch.Tensor, ids: torch.Tensor, s_edit: torch.Tensor, gap: torch.Tensor) -> bool:
+    def _learned(self, hit: torch.Tensor, s_edit: torch.Tensor, gap: torch.Tensor) -> bool:
         """Every target token of every row is the argmax, and every edit row meets its routing margins
         (``edit_margin`` and ``gap_margin``; ``irrelevant_margin`` concerns the irrelevant rows only)."""
-        return bool(
-            (log_p.argmax(-1) == ids).all() and (s_edit >= self.edit_margin).all() and (gap >= self.gap_margin).all()
-        )
+        return bool(hit.all() and (s_edit >= self.edit_margin).all() and (gap >= self.gap_margin).all())
 
     def step_log(self) -> dict[str, float]:
         return dict(self._log)
