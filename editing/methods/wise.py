@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from editing.arguments import PositiveFraction, check_arguments
 from editing.corpus import SAMPLE_SEEDS, file_texts
-from editing.forward import attention_implementation, blocks_from, capture, token_log_probs
+from editing.forward import blocks_from, capture, token_log_probs
 from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod, TargetPrecision
 from editing.models import architecture_of, precision_runner, sample_text
@@ -578,13 +578,11 @@ class WISE(EditMethod):
     @contextlib.contextmanager
     def training_pass(self, runner: PreTrainedModel, tau: torch.Tensor) -> Iterator[None]:
         """``runner`` (the model or its reduced-precision copy) with the differentiable task vector ``tau`` answering
-        every row at the side-memory projection, the router off, and plain matmul attention on a CPU (PyTorch's
-        fused attention backward is several times slower there on short rows, as in the target optimisation)."""
+        every row at the side-memory projection, and the router off."""
         projection = runner.get_submodule(self.module_name)
         handle = projection.register_forward_hook(lambda m, args, out: out + F.linear(args[0], tau.to(args[0].dtype)))
-        eager = "eager" if runner.device.type == "cpu" else None
         try:
-            with self.router.disabled(), attention_implementation(runner, eager):
+            with self.router.disabled():
                 yield
         finally:
             handle.remove()
