@@ -13,8 +13,9 @@ records of the stream file, ``validate``) beside it.
 
 Variants for the LyapLock questions: ``lyaplock_q1`` holds the queue at 1 (a budget no loss reaches: the replaying
 anchored update without the queue's extra weight), ``lyaplock_tight`` sets a budget of 4 that D(W) passes after
-~400 edits of this stream, so the queue acts, ``lyaplock_10layers`` edits blocks 3-12 instead of 3-7 (capacity
-or drift?).
+~400 edits of this stream, so the queue acts, ``lyaplock_budget15`` one between the two that layer 7's D(W) passes
+after ~1,050 edits (the preset's D reached 13.8 D_base at 1,000 edits, 15.8 at 1,100), ``lyaplock_10layers`` edits
+blocks 3-12 instead of 3-7 (capacity or drift?).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from editing.report import write_report  # noqa: E402
 LYAPLOCK = ["--config", "configs/lyaplock.yaml"]
 # a budget this stream's D(W) passes after ~400 edits (the preset's 60 is at 23% after 1,000): the queue acts
 TIGHT = ["--model.method.init_args.budget", "4"]
+# between the two: layer 7's D(W) passes it after ~1,050 edits, layer 3's after ~1,300
+MIDDLE = ["--model.method.init_args.budget", "15"]
 # capacity or drift: blocks 3-12 instead of the preset's 3-7
 TEN_LAYERS = ["--model.method.init_args.layers", "[3,4,5,6,7,8,9,10,11,12]"]
 METHODS: dict[str, list[str]] = {
@@ -42,6 +45,7 @@ METHODS: dict[str, list[str]] = {
     "alphaedit": ["--config", "configs/alphaedit.yaml"],
     "lyaplock_q1": [*LYAPLOCK, "--model.method.init_args.budget", "1e12"],
     "lyaplock_tight": [*LYAPLOCK, *TIGHT],
+    "lyaplock_budget15": [*LYAPLOCK, *MIDDLE],
     "lyaplock_10layers": [*LYAPLOCK, *TEN_LAYERS],
     "lyaplock_tight_10layers": [*LYAPLOCK, *TIGHT, *TEN_LAYERS],
 }
@@ -68,7 +72,7 @@ def monitors(opts: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def run_method(name: str, opts: argparse.Namespace, root: Path, out: Path) -> None:
+def run_method(name: str, opts: argparse.Namespace, root: Path, out: Path, results: dict) -> None:
     """``main.py fit`` for one method, its report and this script's JSON rewritten every minute while it runs."""
     cmd = [
         sys.executable, "main.py", "fit", *METHODS[name], *stream_args(opts), *monitors(opts),
@@ -79,19 +83,23 @@ def run_method(name: str, opts: argparse.Namespace, root: Path, out: Path) -> No
     process = subprocess.Popen(cmd, cwd=REPO)
     while process.poll() is None:
         time.sleep(60)
-        refresh(root, out / name)
+        refresh(name, root, out, results)
     if process.returncode:
         sys.exit(f"{name}: main.py exited with {process.returncode}")
-    refresh(root, out / name)
+    refresh(name, root, out, results)
 
 
-def refresh(root: Path, out: Path) -> None:
-    """Re-render a run's report once its first evaluation is in (matplotlib missing: the JSON is still written)."""
-    if (root / "summary.json").exists():
-        try:
-            write_report([root], out)
-        except ImportError as err:
-            print(f"report skipped: {err}", flush=True)
+def refresh(name: str, root: Path, out: Path, results: dict) -> None:
+    """Once a run's first evaluation is in, its milestones in the JSON and its report (matplotlib missing: the JSON
+    is still written)."""
+    if not (root / "summary.json").exists():
+        return
+    results["runs"][name] = at_milestones(json.loads((root / "summary.json").read_text()))
+    write_results(results, out)
+    try:
+        write_report([root], out / name)
+    except ImportError as err:
+        print(f"report skipped: {err}", flush=True)
 
 
 def at_milestones(summary: dict) -> dict[int, dict[str, float]]:
@@ -120,7 +128,6 @@ def write_results(results: dict, out: Path) -> None:
             cells = [f"{row[k]:.3f}" if isinstance(row.get(k), float) else "" for k in KEYS]
             lines.append(f"| {name} | {row['edits']} | " + " | ".join(cells) + " |")
     (out / "long_stream.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
 
 
 def main() -> None:
@@ -152,13 +159,11 @@ def main() -> None:
     if (out / "long_stream.json").exists():  # runs of earlier invocations (one method at a time) stay in the table
         results["runs"] = json.loads((out / "long_stream.json").read_text()).get("runs", {})
     for name in opts.methods:
-        run_method(name, opts, work / name, out)
-        results["runs"][name] = at_milestones(json.loads((work / name / "summary.json").read_text()))
-        write_results(results, out)
+        run_method(name, opts, work / name, out, results)
     finished = [work / name for name in results["runs"] if (work / name / "summary.json").exists()]
     if len(finished) > 1:  # one run's report is already in out/<name>
         write_report(finished, out / "all")
-    print(f"wrote {out}")
+    print((out / "long_stream.md").read_text(), f"wrote {out}", sep="\n")
 
 
 if __name__ == "__main__":
