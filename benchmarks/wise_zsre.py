@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/bench_wise")
     parser.add_argument("--out", default="docs/benchmarks/wise_zsre.json")
     parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--extra", nargs="*", default=[], help="extra CLI arguments for every run")
+    parser.add_argument(
+        "--extra", action="append", default=[], help="an extra CLI argument for every run (--extra=--k=v, repeatable)"
+    )
     parser.add_argument("--iteration-cost", action="store_true", help="time one SGD iteration vs the reference's")
     opts = parser.parse_args()
     if not Path(opts.data).exists():

@@ -134,6 +134,13 @@ def _pool_from_file(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
+def _hold_out(pool: list[str], size: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(trained, held_out)``: ``size`` sentences of a file pool (at most half of it), drawn with ``seed``, that the
+    memory never trains on, so that ``threshold_quantile`` measures unrelated inputs of the pool's own kind."""
+    held = set(random.Random(seed).sample(range(len(pool)), min(size, len(pool) // 2)))
+    return [t for i, t in enumerate(pool) if i not in held], [t for i, t in enumerate(pool) if i in held]
+
+
 def _word_spans(sentences: Sequence[str]) -> list[str]:
     """The distinct one- and two-word spans of ``sentences`` (punctuation stripped), stand-ins for a subject."""
     spans: dict[str, None] = {}
@@ -246,10 +253,13 @@ class WISE(EditMethod):
             cores). The task vector, its gradient, the captured activations, routing scores and thresholds keep
             float32; evaluation and routing always run the model itself.
         threshold_quantile: a memory's threshold is at least this quantile of its routing scores on ``pool_size``
-            sentences sampled from the unedited model apart from the irrelevant pool (never trained on), recomputed
-            whenever the memories change (this project's extension, not in the paper: the threshold follows the
-            unrelated scores as they grow with the memory, instead of only the lowest edit score). ``None``: the
-            paper's ``slack *`` lowest edit score alone.
+            unrelated sentences it is never trained on, recomputed whenever the memories change (this project's
+            extension, not in the paper: the threshold follows the unrelated scores as they grow with the memory,
+            instead of only the lowest edit score). The sentences are of the irrelevant pool's kind: for a file
+            pool, ``pool_size`` of its sentences (at most half) held out of training; for ``model`` and
+            ``locality``, sentences sampled from the unedited model apart from the pool. (Model-sampled sentences
+            beside a file pool of questions sat above the edits' scores: nothing trained them down, docs/wise.md.)
+            ``None``: the paper's ``slack *`` lowest edit score alone.
         seed: seed of prefixes, pool sample, pool choice, shard masks, replay and rehearsal.
     """
 
@@ -295,6 +305,11 @@ class WISE(EditMethod):
             self.pool = _pool_from_file(path)  # a bad file fails here, before any model is loaded
             if not self.pool:
                 raise ValueError(f"irrelevant_pool: '{irrelevant_pool}' holds no sentences (the pool is empty)")
+            if threshold_quantile is not None and len(self.pool) < 2:
+                raise ValueError(
+                    f"irrelevant_pool: '{irrelevant_pool}' holds one sentence; threshold_quantile holds out up to "
+                    "pool_size of a file pool's sentences (at most half) and needs at least two"
+                )
         self.module_spec = module
         self.lr, self.steps, self.norm_constraint, self.weight_decay = lr, steps, norm_constraint, weight_decay
         self.stop_loss, self.stop_flatness, self.stop_on_argmax = stop_loss, stop_flatness, stop_on_argmax
@@ -310,7 +325,9 @@ class WISE(EditMethod):
         self.train_precision = train_precision
         self._runner: tuple[PreTrainedModel | None] = (None,)  # a tuple: the copy is neither a submodule nor state
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
-        self.held_out: list[str] = []  # the unrelated sentences threshold_quantile measures
+        self.held_out: list[str] = []  # the unrelated sentences threshold_quantile measures, never trained on
+        if self.pool and threshold_quantile is not None:  # a file pool: its held-out part is the quantile's
+            self.pool, self.held_out = _hold_out(self.pool, pool_size, seed + 2)
         self.module_name = ""
         self.block = -1
         self.templates: list[str] = ["{}"]
@@ -372,9 +389,10 @@ class WISE(EditMethod):
             self.spans = _word_spans(sampled)
         if self.score == "centred":  # not state: the same seeded sample of the unedited model gives it on resume
             self.router.centre = self._mean_input(sampled)
-        if self.threshold_quantile is not None:  # likewise rebuilt from its seed on resume
+        if self.threshold_quantile is not None and self.irrelevant_pool in ("model", "locality"):  # rebuilt on resume
             prompts = [self._pool_seed(i) for i in range(self.pool_size)]
             self.held_out = [t.strip() for t in sample_text(model, tokenizer, prompts, 20, self.seed + 2, top_k=50)]
+        if self.threshold_quantile is not None:
             self.memory.floor = self._quantile_floor(self.held_out, self.threshold_quantile)
 
     @torch.no_grad()

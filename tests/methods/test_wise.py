@@ -230,6 +230,26 @@ def test_threshold_quantile_keeps_held_out_sentences_out_as_the_memory_grows(tin
     assert routed[0.5] <= 0.5
 
 
+def test_threshold_quantile_holds_out_part_of_a_file_pool_that_training_never_draws(
+    tmp_path, tiny_llama, bind, tiny_requests
+):
+    sentences = [f"unrelated sentence number {i}" for i in range(12)]
+    (tmp_path / "pool.txt").write_text("\n".join(sentences))
+    wise = small_wise(irrelevant_pool=str(tmp_path / "pool.txt"), threshold_quantile=0.9, pool_size=4)
+    method = bind(wise, copy.deepcopy(tiny_llama))
+    assert len(method.held_out) == 4, "the quantile's sentences are the file's own kind, not model samples"
+    assert set(method.held_out).isdisjoint(method.pool) and sorted(method.held_out + method.pool) == sorted(sentences)
+    rng = random.Random(0)
+    drawn = {text for _ in range(50) for text, _ in method._irrelevant(tiny_requests[:1], rng)[0]}
+    assert drawn <= set(method.pool), "training never draws a held-out sentence"
+    (tmp_path / "three.txt").write_text("a b\nc d\ne f")
+    assert len(WISE(irrelevant_pool=str(tmp_path / "three.txt"), threshold_quantile=0.9).held_out) == 1  # half, down
+    (tmp_path / "one.txt").write_text("a b")
+    with pytest.raises(ValueError, match="needs at least two"):
+        WISE(irrelevant_pool=str(tmp_path / "one.txt"), threshold_quantile=0.9)
+    assert WISE(irrelevant_pool=str(tmp_path / "one.txt")).pool == ["a b"], "without the quantile nothing is held out"
+
+
 def test_weight_decay_pulls_the_whole_copy_toward_zero(tiny_model, bind, tiny_requests):
     lr, decay, steps = 0.5, 0.1, 3
     method = bind(small_wise(lr=lr, weight_decay=decay, steps=steps, stop_loss=0.0), tiny_model)
