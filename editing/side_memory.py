@@ -171,6 +171,14 @@ class SideMemory(nn.Module):
         """The edits the current memory answers for (``"continue"``: the merged memory's too, it started from it)."""
         return self.base_texts + self.working_texts if self.merge_style == "continue" else self.working_texts
 
+    def trained_texts(self) -> list[tuple[str, str]]:
+        """The edits the working task vector itself holds: those since the last shard save, plus the merged memory's
+        when it started from it (``"continue"``). A saved shard's edits are not among them: they answer through the
+        merge, and a fresh shard under another mask would have to learn them anew."""
+        since_save = self.working_texts[len(self.working_texts) - self.shard_edits :]
+        started_from_base = self.merge_style == "continue" and self.base is not None
+        return (self.base_texts if started_from_base else []) + since_save
+
     def _slots(self) -> list[tuple[str, int]]:
         """Which memory answers at each position of :meth:`answering`: sealed ones, the merged one, the current one."""
         slots = [("sealed", i) for i in range(len(self.sealed))]

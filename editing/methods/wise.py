@@ -244,8 +244,9 @@ class WISE(EditMethod):
             a one- or two-word span of a model-sampled sentence, followed by the new target (this project's
             extension, not in the paper), so the memory cannot route on the template and answer an edit shares with
             its neighbourhood ("The capital of Spain is Madrid" beside the edit "The capital of France is Madrid").
-        rehearse: per step, this many earlier edits of the memory being edited (bare prompt and target, drawn at
-            random) join the step's cross entropy (this project's extension, not in the paper, against the forgetting
+        rehearse: per step, this many earlier edits that the task vector being trained holds (the current shard's,
+            and the merged memory's under ``merge_style: continue``; bare prompt and target, drawn at random) join the
+            step's cross entropy (this project's extension, not in the paper, against the forgetting
             measured inside one memory: later edits overwrite earlier ones, docs/wise.md). 0: the paper's training.
         train_precision: dtype of the frozen model during the memory's SGD: ``model`` (its own) or
             ``bfloat16``/``float16`` (a frozen copy made at set-up, as WISE never changes the main weights; this
@@ -468,7 +469,8 @@ class WISE(EditMethod):
         start = time.perf_counter()
         rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
         irrelevant, irr_owner = self._irrelevant(requests, rng)
-        rehearsed = rng.sample(self.memory.current_texts(), min(self.rehearse, len(self.memory.current_texts())))
+        held = self.memory.trained_texts()  # what the task vector trained here already holds
+        rehearsed = rng.sample(held, min(self.rehearse, len(held)))
         prompts = [t.replace("{}", r.text) for r in requests for t in self.templates] + [p for p, _ in rehearsed]
         targets = [r.target_new for r in requests for _ in self.templates] + [t for _, t in rehearsed]
         rows = encode_rows(tokenizer, prompts, None, targets, device=model.device)

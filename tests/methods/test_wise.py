@@ -409,6 +409,28 @@ def test_wise_merge_continue_style_starts_new_shards_from_the_merged_memory():
     assert len(memory.answering()) == 1 and memory.memory_texts() == [memory.base_texts]
 
 
+@pytest.mark.parametrize("style", ["release", "continue"])
+def test_rehearsal_draws_only_the_edits_the_trained_task_vector_holds(style):
+    memory = bank(style)
+    edit_shard(memory, [1.0, 0.0, 0.0], 3.0)  # shard 0, saved: it answers through the merge, not the fresh shard
+    edit_shard(memory, [0.0, 1.0, 0.0], 3.0, save=False)
+    assert memory.current_texts() == [("prompt 0", "target"), ("prompt 1", "target")]
+    assert memory.trained_texts() == [("prompt 1", "target")]
+    memory.merge(retrieve=False)
+    edit_shard(memory, [0.0, 0.0, 1.0], 3.0, save=False)
+    merged_into_start = memory.base_texts if style == "continue" else []  # continue: the shard starts from the merge
+    assert memory.trained_texts() == [*merged_into_start, ("prompt 2", "target")]
+
+
+def test_a_fresh_shard_rehearses_none_of_the_saved_shards_edits(tiny_llama, bind, tiny_requests):
+    method = bind(small_wise(rehearse=4), tiny_llama)
+    method.apply(tiny_requests[:1], method.prepare(tiny_requests[:1]))
+    assert method.prepare(tiny_requests[1:2]).rows.input_ids.shape[0] == len(method.templates) + 1
+    method.memory.save_shard()
+    plan = method.prepare(tiny_requests[1:2])
+    assert len(plan.rows) == plan.edit_rows, "the new shard, trained from W under its own mask, rehearses nothing"
+
+
 def test_merged_and_working_memories_each_answer_their_own_edits(tiny_llama, char_tokenizer):
     texts = ["Paris is in France", "Tokyo is in Japan, an island nation"]
     d = tiny_llama.config.hidden_size
