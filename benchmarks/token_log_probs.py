@@ -18,17 +18,16 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from cli_runs import REPO
 from transformers import PreTrainedModel
 
 from editing.forward import log_softmax_at, token_log_probs
 from editing.models import DTYPES, load_model, precision_runner
 
-REPO = Path(__file__).resolve().parents[1]
-Path_ = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], torch.Tensor]
-PATHS: dict[str, Path_] = {
+LogProbPath = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], torch.Tensor]
+PATHS: dict[str, LogProbPath] = {
     "log_softmax + gather": lambda m, h, ids: log_softmax_at(m, h).gather(1, ids[:, None])[:, 0],
     "token_log_probs": lambda m, h, ids: token_log_probs(m, h, ids)[0],
 }
@@ -63,7 +62,6 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks/token_log_probs.json")
     opts = parser.parse_args()
     model, _ = load_model()
-    torch.set_grad_enabled(True)
     report = {"protocol": vars(opts), "torch_threads": torch.get_num_threads(), "results": {}}
     for precision in opts.precisions:
         runner = precision_runner(model, precision) or model

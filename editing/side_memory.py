@@ -176,8 +176,7 @@ class SideMemory(nn.Module):
         when it started from it (``"continue"``). A saved shard's edits are not among them: they answer through the
         merge, and a fresh shard under another mask would have to learn them anew."""
         since_save = self.working_texts[len(self.working_texts) - self.shard_edits :]
-        started_from_base = self.merge_style == "continue" and self.base is not None
-        return (self.base_texts if started_from_base else []) + since_save
+        return (self.base_texts if self.merge_style == "continue" else []) + since_save  # no merge yet: base_texts []
 
     def _slots(self) -> list[tuple[str, int]]:
         """Which memory answers at each position of :meth:`answering`: sealed ones, the merged one, the current one."""
