@@ -4,7 +4,8 @@ A side memory's routing score of a sequence is ``|| a tau^T ||_2`` averaged over
 inputs longer than ``long_input_max`` tokens, as in the release), ``a`` being the input of the projection and
 ``tau = W' - W`` the memory's task vector. A memory answers a sequence iff its score exceeds the memory's threshold,
 one decision per sequence; with several memories (WISE-Retrieve, or WISE-Merge's merged and working memories) the
-one with the highest score among those above their own threshold answers.
+one with the highest score among those above their own threshold answers (or, as a switch, the highest score relative
+to its threshold).
 
 The router is a forward hook on the projection, so the model keeps its structure (``save_pretrained`` writes the
 unedited weights) and every ordinary use routes: batched forward passes route each sequence separately (padding is
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,21 @@ def routing_scores(
     return torch.where(lengths > long_input_max, peak, mean)
 
 
+RetrievalRule = Literal["score", "ratio"]
+
+
+def choose_memory(scores: torch.Tensor, thresholds: torch.Tensor, rule: RetrievalRule = "score") -> torch.Tensor:
+    """``(B,)`` index of the memory that answers each row (-1: the main weights) from scores ``(M, B)`` and
+    thresholds ``(M,)``: among the memories whose own threshold the row's score exceeds, the one with the highest
+    score (``score``, the paper's WISE-Retrieve) or the highest score relative to its threshold (``ratio``, this
+    project's extension: memories whose scores run on different scales compete on equal terms)."""
+    thresholds = thresholds.to(scores.device)[:, None]
+    above = scores > thresholds
+    key = scores if rule == "score" else scores / thresholds
+    best = key.masked_fill(~above, float("-inf")).argmax(0)
+    return torch.where(above.any(0), best, torch.full_like(best, -1))
+
+
 class MemoryBank(Protocol):
     """What the router reads: the memories that answer queries, as ``(tau, threshold)`` pairs."""
 
@@ -61,12 +77,20 @@ class Router:
         bank: the memories (:class:`~editing.side_memory.SideMemory` while editing, the exported ones after).
         long_input_max: rows longer than this many real tokens are scored by their maximum token score.
         centre: the projection inputs' mean that scores subtract (``None``: the paper's score).
+        retrieval: which memory answers when several are above their thresholds (:func:`choose_memory`).
     """
 
-    def __init__(self, bank: MemoryBank, long_input_max: int | None, centre: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        bank: MemoryBank,
+        long_input_max: int | None,
+        centre: torch.Tensor | None = None,
+        retrieval: RetrievalRule = "score",
+    ) -> None:
         self.bank = bank
         self.long_input_max = long_input_max
         self.centre = centre
+        self.retrieval = retrieval
         # Not checkpointed: the attention mask of the current forward pass, and the route of the last prefill (reused
         # by passes that continue a KV cache).
         self.enabled = True
@@ -116,10 +140,7 @@ class Router:
             mask = self._mask if self._mask is not None and self._mask.shape == a.shape[:2] else None
             mask = mask if mask is not None else torch.ones(a.shape[:2], device=a.device)
             scores = torch.stack([self.scores(a, tau, mask) for tau, _ in memories])  # (M, B)
-            thresholds = torch.tensor([t for _, t in memories], device=a.device)[:, None]
-            above = scores > thresholds
-            best = scores.masked_fill(~above, float("-inf")).argmax(0)
-            route = torch.where(above.any(0), best, torch.full_like(best, -1))
+            route = choose_memory(scores, torch.tensor([t for _, t in memories]), self.retrieval)
             self._route, self.last_scores, self.last_route = route, scores.detach(), route
         out = output
         for j in route.unique().tolist():

@@ -2,7 +2,7 @@
 
 The export is the unedited model and its tokenizer (``save_pretrained`` into ``unedited_base/``), plus
 ``side_memory.safetensors`` (the task vector of every answering memory, and the centre of a centred score) and
-``side_memory.json`` (the module they sit on, their thresholds and the router's long-input rule).
+``side_memory.json`` (the module they sit on, their thresholds, the router's long-input rule and its retrieval rule).
 :func:`load_edited` rebuilds a Hugging Face model with the router installed, which routes exactly like the model
 that was exported.
 
@@ -66,6 +66,7 @@ def export_edited(
         "thresholds": [t for _, t in memories],
         "long_input_max": router.long_input_max,
         "centred": router.centre is not None,
+        "retrieval": router.retrieval,
     }
     (path / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -83,6 +84,7 @@ def load_edited(
     tensors = load_file(str(path / EXPORT_TENSORS), device=str(device))
     taus = [tensors[f"memory_{i}"] for i in range(len(config["thresholds"]))]
     centre = tensors["centre"] if config.get("centred") else None
-    router = Router(ExportedMemories(taus, list(config["thresholds"])), config["long_input_max"], centre)
+    memories = ExportedMemories(taus, list(config["thresholds"]))
+    router = Router(memories, config["long_input_max"], centre, config.get("retrieval", "score"))
     router.attach(model, config["module"])
     return model, tokenizer, router

@@ -44,7 +44,7 @@ from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod, TargetPrecision
 from editing.models import architecture_of, precision_runner, sample_text
 from editing.requests import EditRequest
-from editing.router import Router
+from editing.router import RetrievalRule, Router
 from editing.rows import EncodedRows, encode_rows, mean_per_row
 from editing.side_memory import MergeStyle, SideMemory
 from editing.wise_export import export_edited
@@ -234,6 +234,10 @@ class WISE(EditMethod):
             often are (this project's extension; off: every sentence starts from a word of ``SAMPLE_SEEDS``).
         replay: WISE-Retrieve: per step, this many edits of sealed memories join the irrelevant sentences, so a new
             memory stays quiet on old edits and retrieval picks the memory that holds them.
+        retrieval: which of several memories above their thresholds answers: ``score`` (the paper's: the highest
+            routing score) or ``ratio`` (this project's extension: the highest score relative to the memory's own
+            threshold; at ZsRE T = 100 in memories of 25 it answered 97% of the edits from the memory that learned
+            them, against 79%, docs/wise.md).
         long_input_max: inputs longer than this many tokens are scored by their maximum token score (the release;
             0: every input, so a row scores by its most distinctive token, e.g. the subject).
         score: ``paper`` (``|| a tau^T ||`` of the projection's inputs) or ``centred`` (this project's extension, not
@@ -289,6 +293,7 @@ class WISE(EditMethod):
         pool_size: PositiveInt = 100,
         pool_questions: bool = False,
         replay: NonNegativeInt = 0,
+        retrieval: RetrievalRule = "score",
         long_input_max: NonNegativeInt | None = 100,
         score: Score | None = None,
         subject_swaps: NonNegativeInt = 0,
@@ -320,6 +325,7 @@ class WISE(EditMethod):
         self.ties_density, self.merge_style = ties_density, merge_style
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
+        self.retrieval = retrieval
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
         self.subject_swaps, self.rehearse, self.threshold_quantile = subject_swaps, rehearse, threshold_quantile
@@ -376,7 +382,7 @@ class WISE(EditMethod):
         )
         self.memory.to(model.device)
         self._runner = (precision_runner(model, self.train_precision),)  # before the router's hooks: the copy has none
-        self.router = Router(self.memory, self.long_input_max)
+        self.router = Router(self.memory, self.long_input_max, retrieval=self.retrieval)
         self.router.attach(model, self.module_name)
         seeds = PREFIX_SEEDS[: self.prefixes]
         self.templates = generate_context_templates(model, tokenizer, seeds, self.prefix_length, self.seed)

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, Qwen2Config
 from editing.methods import WISE
 from editing.methods.wise import wise_preset
 from editing.metrics import score_targets
-from editing.router import Router, routing_scores
+from editing.router import Router, choose_memory, routing_scores
 from editing.side_memory import SideMemory, shard_mask, ties_merge
 from editing.wise_export import export_edited, load_edited
 
@@ -496,6 +496,17 @@ def test_retrieval_picks_the_memory_that_holds_the_edit(tiny_llama, char_tokeniz
     assert router.last_route.tolist() == [0, 1]
 
 
+def test_choose_memory_takes_the_highest_score_among_memories_above_their_own_threshold():
+    scores = torch.tensor([[5.0, 9.0, 1.0, 4.0], [8.0, 3.0, 2.0, 6.0]])  # (memory, row)
+    thresholds = torch.tensor([4.5, 7.0])
+    # row 0: both above, 8 > 5; row 1: only memory 0 above; row 2: neither; row 3: memory 1 is below its threshold
+    assert choose_memory(scores, thresholds).tolist() == [1, 0, -1, -1]
+    # relative to the thresholds, row 0 is 5 / 4.5 = 1.11 for memory 0 against 8 / 7 = 1.14: still memory 1
+    assert choose_memory(scores, thresholds, "ratio").tolist() == [1, 0, -1, -1]
+    assert choose_memory(scores, torch.tensor([4.5, 7.5]), "ratio").tolist() == [0, 0, -1, -1]  # 1.11 > 1.07
+    assert choose_memory(scores, torch.tensor([4.5, 7.5]), "score").tolist() == [1, 0, -1, -1]
+
+
 def test_generate_routes_once_from_the_prompt(tiny_llama, char_tokenizer):
     prompts = ["The capital of Spain is", "Bananas"]
     a, mask = projection_input(tiny_llama, char_tokenizer, prompts[:1])
@@ -564,7 +575,7 @@ def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_p
     memory = SideMemory(tuple(tau.shape), 0.9, 0.2, 0)
     memory.working = tau
     memory.working_texts, memory.working_min = [("x", "y")], float(scores.mean()) / 0.9
-    router = Router(memory, None, centre=torch.zeros(a.shape[-1]))  # a centre (zero: the same routes) is exported
+    router = Router(memory, None, centre=torch.zeros(a.shape[-1]), retrieval="ratio")  # a centre (zero: same routes)
     router.attach(tiny_llama, MODULE)
     expected = logits(tiny_llama, char_tokenizer, texts)
     export_edited(tmp_path / "export", tiny_llama, char_tokenizer, router, MODULE)
@@ -574,6 +585,7 @@ def test_export_reloads_and_routes_identically(tiny_llama, char_tokenizer, tmp_p
     assert loaded.last_route.tolist() == router.last_route.tolist() == [0, -1]
     assert torch.allclose(got, expected, atol=1e-5)
     assert loaded.centre is not None and torch.equal(loaded.centre, router.centre)
+    assert loaded.retrieval == "ratio"
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
@@ -621,6 +633,8 @@ def test_cli_shards_merge_log_routing_and_resume_state(tiny_run, retrieve):
     assert {"edit/routed", "unrelated/q50", "threshold"} <= set(summary["routing"])
     rows = list(csv.DictReader(next(root.glob("csv/version_*/metrics.csv")).open()))
     assert {"routing/edit/q50", "routing/unrelated/routed", "wise/merges", "train/wise_steps"} <= set(rows[0])
+    own = [float(r["routing/edit/own_memory"]) for r in rows if r.get("routing/edit/own_memory")]
+    assert own and all(0.0 <= v <= 1.0 for v in own)  # several memories answer (a sealed or merged one + current)
     state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     memory = state["state_dict"]["method.memory._extra_state"]
     assert not any(k.startswith("model.") for k in state["state_dict"]), "the frozen model is not checkpointed"
