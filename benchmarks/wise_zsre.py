@@ -17,6 +17,7 @@ on the same rows, and reports the ratio.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,18 @@ def schedule_config(path: Path, save_freq: int, merge_freq: int, retrieve: bool)
         "    - class_path: callbacks.RoutingMonitor\n"
     )
     return path
+
+
+def evaluations(run_dir: Path) -> list[dict[str, float]]:
+    """Every evaluation of a run (``--trainer.val_check_interval`` below ``T`` gives several): edits so far, the
+    metrics and the routing values, from the run's ``metrics.csv``."""
+    rows = list(csv.DictReader(next(run_dir.glob("csv/version_*/metrics.csv")).open()))
+    keep = lambda key: key.startswith(("val/", "routing/"))  # noqa: E731
+    return [
+        {"edits": int(row["step"]) + 1, **{k: float(v) for k, v in row.items() if keep(k) and v}}
+        for row in rows
+        if row.get("val/efficacy")
+    ]
 
 
 def main() -> None:
@@ -81,6 +94,7 @@ def main() -> None:
             "final_evaluation_seconds": summary["timing"]["evaluation_seconds"],
             "mean_sgd_iterations": mean["train/wise_steps"],
             "peak_rss_mb": summary["timing"]["peak_rss_mb"],
+            "history": evaluations(work / name),
         }
     report = {"data": opts.data, "pool": opts.pool, "results": results}
     if opts.iteration_cost:
