@@ -15,7 +15,8 @@ Variants for the LyapLock questions: ``lyaplock_q1`` holds the queue at 1 (a bud
 anchored update without the queue's extra weight), ``lyaplock_tight`` sets a budget of 4 that D(W) passes after
 ~400 edits of this stream, so the queue acts, ``lyaplock_budget15`` one between the two that layer 7's D(W) passes
 after ~1,050 edits (the preset's D reached 13.8 D_base at 1,000 edits, 15.8 at 1,100), ``lyaplock_10layers`` edits
-blocks 3-12 instead of 3-7 (capacity or drift?).
+blocks 3-12 instead of 3-7 (capacity or drift?), ``lyaplock_tight_nullspace`` is ``lyaplock_tight`` with AlphaEdit's
+null-space projection (``nullspace_threshold`` 2e-2, ridge 10: AlphaEdit's release settings).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ TIGHT = ["--model.method.init_args.budget", "4"]
 MIDDLE = ["--model.method.init_args.budget", "15"]
 # capacity or drift: blocks 3-12 instead of the preset's 3-7
 TEN_LAYERS = ["--model.method.init_args.layers", "[3,4,5,6,7,8,9,10,11,12]"]
+# AlphaEdit's projection (the release's threshold) under LyapLock's queue
+NULLSPACE = ["--model.method.init_args.nullspace_threshold", "2e-2"]
 METHODS: dict[str, list[str]] = {
     "lyaplock": LYAPLOCK,
     "memit": ["--config", "configs/memit.yaml"],
@@ -48,6 +51,7 @@ METHODS: dict[str, list[str]] = {
     "lyaplock_budget15": [*LYAPLOCK, *MIDDLE],
     "lyaplock_10layers": [*LYAPLOCK, *TEN_LAYERS],
     "lyaplock_tight_10layers": [*LYAPLOCK, *TIGHT, *TEN_LAYERS],
+    "lyaplock_tight_nullspace": [*LYAPLOCK, *TIGHT, *NULLSPACE],
 }
 MILESTONES = (1000, 2000, 5000, 10000)
 KEYS = ("efficacy", "generalization", "specificity", "locality", "perplexity", "scored_edits")

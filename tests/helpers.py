@@ -10,6 +10,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# a C0 eigenvalue threshold of each tiny model family below which about half of its spectrum lies (null-space tests)
+NULLSPACE_THRESHOLD = {"llama": 1.0, "gpt2": 0.1}
 
 
 def _fit_args(run: dict[str, Path], config: str, root: Path, settings: list[str], extra: tuple[str, ...]) -> list[str]:

@@ -18,6 +18,25 @@ from editing.methods.base import LocateThenEdit, solve_right
 log = logging.getLogger(__name__)
 
 
+def nullspace_projection(c0: torch.Tensor, threshold: float, layer: int) -> torch.Tensor:
+    """``P = U U^T`` over the eigenvectors of ``C0`` whose eigenvalues are below ``threshold``: updates of the form
+    ``X P`` leave the outputs on preserved keys unchanged (AlphaEdit; LyapLock's ``nullspace_threshold``)."""
+    eigvals, eigvecs = torch.linalg.eigh(c0)
+    null = eigvecs[:, eigvals < threshold]
+    log.info("layer %d: null space of C0 has dimension %d of %d", layer, null.shape[1], len(c0))
+    if null.shape[1] == 0:
+        log.warning("no eigenvalue of C0 is below %g: edits of layer %d are projected to zero", threshold, layer)
+    return null @ null.T
+
+
+def projected_solve(B: torch.Tensor, A: torch.Tensor, P: torch.Tensor, l2: float) -> torch.Tensor:
+    """The minimiser ``Delta = X P`` of ``tr[Delta A Delta^T] - 2 tr[B Delta^T] + l2 ||Delta||^2``:
+    ``Delta = B P (A P + l2 I)^-1`` (AlphaEdit's closed form; with ``l2 > 0`` the solution satisfies
+    ``Delta = Delta P``, so preserved directions are untouched)."""
+    eye = torch.eye(len(P), dtype=P.dtype, device=P.device)
+    return solve_right(B @ P, A @ P + l2 * eye)
+
+
 class AlphaEdit(LocateThenEdit):
     """AlphaEdit on the shared toolkit.
 
@@ -37,24 +56,14 @@ class AlphaEdit(LocateThenEdit):
     def setup_state(self) -> None:
         for i in range(len(self.layers)):
             c0 = self.c0(i)
-            eigvals, eigvecs = torch.linalg.eigh(c0)
-            null = eigvecs[:, eigvals < self.nullspace_threshold]
-            log.info(
-                "AlphaEdit layer %d: null space of C0 has dimension %d of %d", self.layers[i], null.shape[1], len(c0)
+            self.register_buffer(
+                f"projection_{i}", nullspace_projection(c0, self.nullspace_threshold, self.layers[i]), persistent=False
             )
-            if null.shape[1] == 0:
-                log.warning(
-                    "AlphaEdit: no eigenvalue of C0 is below %g: edits of layer %d are projected to zero",
-                    self.nullspace_threshold,
-                    self.layers[i],
-                )
-            self.register_buffer(f"projection_{i}", null @ null.T, persistent=False)
             self.register_buffer(f"past_kk_{i}", torch.zeros_like(c0))
 
     def solve(self, i: int, W: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        P = getattr(self, f"projection_{i}")
-        eye = torch.eye(len(P), dtype=P.dtype, device=P.device)
-        return solve_right(R @ K.T @ P, (getattr(self, f"past_kk_{i}") + K @ K.T) @ P + self.l2 * eye)
+        A = getattr(self, f"past_kk_{i}") + K @ K.T
+        return projected_solve(R @ K.T, A, getattr(self, f"projection_{i}"), self.l2)
 
     def after_layer_update(self, i: int, W: torch.Tensor, K: torch.Tensor) -> None:
         getattr(self, f"past_kk_{i}").add_(K @ K.T)

@@ -9,14 +9,20 @@ runs above the budget and falls back to 1 when below. All earlier edits are repl
 Per layer, step 1: ``Delta = [R K^T + lambda (W0 - W) C0] [K K^T + lambda C0]^-1``, then ``D_base = D(W)``.
 Step t >= 2: ``A = V K K^T + lambda Q C0 + V Skk``, ``B = V R K^T + lambda Q (W0 - W) C0 + V (Svk - W Skk)``,
 ``Delta = B A^-1``. After each step: ``Q <- max(Q + D(W) / (budget D_base) - 1, 1)``.
+
+With ``nullspace_threshold`` the same objective is minimised over updates in the null space of C0 (AlphaEdit's
+projection ``P``), with AlphaEdit's ridge ``l2 ||Delta||^2``: ``Delta = B P (A P + l2 I)^-1``. DESIGN.md section 5 has
+no projection; the mission lists LyapLock "with AlphaEdit's null-space projection", and the paper reports LyapLock
+on top of baseline editors: a switch, off by default (docs/fidelity.md).
 """
 
 from __future__ import annotations
 
 import torch
-from jsonargparse.typing import PositiveFloat
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
 from editing.arguments import check_arguments
+from editing.methods.alphaedit import nullspace_projection, projected_solve
 from editing.methods.base import LocateThenEdit, solve_right
 
 
@@ -40,16 +46,28 @@ class LyapLock(LocateThenEdit):
             (``alpha`` in DESIGN.md section 5), named for what it is.
         V: weight of the editing loss (current and replayed edits) against the queue-weighted preservation (release: 1).
         mom2_weight: lambda (release: 1000).
+        nullspace_threshold: ``None`` (DESIGN.md section 5: no projection) or AlphaEdit's threshold (2e-2): each
+            update is restricted to the null space of C0 spanned by its eigenvectors below it.
+        l2: the ridge of the projected solve (AlphaEdit's release: 10); used only with ``nullspace_threshold``.
         **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
     """
 
     @check_arguments
     def __init__(
-        self, *args, budget: PositiveFloat = 60.0, V: PositiveFloat = 1.0, mom2_weight: PositiveFloat = 1000.0, **kwargs
+        self,
+        *args,
+        budget: PositiveFloat = 60.0,
+        V: PositiveFloat = 1.0,
+        mom2_weight: PositiveFloat = 1000.0,
+        nullspace_threshold: PositiveFloat | None = None,
+        l2: NonNegativeFloat = 10.0,
+        **kwargs,
     ) -> None:
         super().__init__(*args, mom2_weight=mom2_weight, **kwargs)
         self.budget = budget
         self.V = V
+        self.nullspace_threshold = nullspace_threshold
+        self.l2 = l2
 
     def setup_state(self) -> None:
         for i, w in enumerate(self.edited_weights().values()):
@@ -61,6 +79,9 @@ class LyapLock(LocateThenEdit):
             self.register_buffer(f"budget_ratio_{i}", torch.zeros((), dtype=torch.float64, device=dev))
             self.register_buffer(f"svk_{i}", torch.zeros(d_v, d_k, dtype=torch.float64, device=dev))
             self.register_buffer(f"skk_{i}", torch.zeros(d_k, d_k, dtype=torch.float64, device=dev))
+            if self.nullspace_threshold is not None:  # derived from C0: not checkpointed
+                P = nullspace_projection(self.c0(i), self.nullspace_threshold, self.layers[i])
+                self.register_buffer(f"projection_{i}", P, persistent=False)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def state(self, i: int, name: str) -> torch.Tensor:
@@ -71,12 +92,15 @@ class LyapLock(LocateThenEdit):
         C0, W0, lam = self.c0(i), self.w0(i).double(), self.mom2_weight
         anchor = (W0 - W) @ C0
         if self.steps_done == 0:
-            return solve_right(R @ K.T + lam * anchor, K @ K.T + lam * C0)
-        Q, V = self.state(i, "queue"), self.V
-        skk, svk = self.state(i, "skk"), self.state(i, "svk")
-        A = V * (K @ K.T) + lam * Q * C0 + V * skk
-        B = V * (R @ K.T) + lam * Q * anchor + V * (svk - W @ skk)
-        return solve_right(B, A)
+            A, B = K @ K.T + lam * C0, R @ K.T + lam * anchor
+        else:
+            Q, V = self.state(i, "queue"), self.V
+            skk, svk = self.state(i, "skk"), self.state(i, "svk")
+            A = V * (K @ K.T) + lam * Q * C0 + V * skk
+            B = V * (R @ K.T) + lam * Q * anchor + V * (svk - W @ skk)
+        if self.nullspace_threshold is None:
+            return solve_right(B, A)
+        return projected_solve(B, A, self.state(i, "projection"), self.l2)
 
     def after_layer_update(self, i: int, W: torch.Tensor, K: torch.Tensor) -> None:
         self.state(i, "svk").add_((W @ K) @ K.T)  # V_p = W_new K_p, recorded right after this step's update

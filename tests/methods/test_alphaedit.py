@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from helpers import NULLSPACE_THRESHOLD
 
 from editing.methods.alphaedit import AlphaEdit
 
@@ -124,9 +125,6 @@ def test_no_null_space_means_no_update(caplog):
 def test_rejects_non_positive_threshold():
     with pytest.raises(ValueError, match="nullspace_threshold"):
         AlphaEdit(nullspace_threshold=0.0)
-
-
-NULLSPACE_THRESHOLD = {"llama": 1.0, "gpt2": 0.1}  # about half of each tiny model's C0 spectrum lies below
 
 
 def test_alphaedit_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):

@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers import NULLSPACE_THRESHOLD
 
+from editing.methods.alphaedit import AlphaEdit
 from editing.methods.lyaplock import LyapLock, next_queue, preservation_loss
 from editing.methods.memit import MEMIT
 
@@ -81,7 +83,14 @@ def test_next_queue_recursion_with_floor(Q, ratio, expected):
 
 
 @pytest.mark.parametrize(
-    "kwargs, field", [(dict(budget=0.0), "budget"), (dict(V=-1.0), "V"), (dict(mom2_weight=0), "mom2")]
+    "kwargs, field",
+    [
+        (dict(budget=0.0), "budget"),
+        (dict(V=-1.0), "V"),
+        (dict(mom2_weight=0), "mom2"),
+        (dict(nullspace_threshold=0.0), "nullspace_threshold"),
+        (dict(l2=-1.0), "l2"),
+    ],
 )
 def test_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -227,6 +236,66 @@ def test_large_queue_pulls_the_update_towards_w0():
     assert losses[1] < losses[0]
 
 
+# -- with AlphaEdit's null-space projection --------------------------------------------------------------------------
+PROJECTION_THRESHOLD = 0.3  # splits the spectrum of the _spd test matrices: both parts non-empty (asserted)
+
+
+def _kept_directions(C0: torch.Tensor, threshold: float) -> torch.Tensor:
+    eigvals, eigvecs = torch.linalg.eigh(C0)
+    return eigvecs[:, eigvals >= threshold]
+
+
+def test_projection_is_derived_state_and_absent_without_the_switch():
+    method, _, (C0, _) = _method(nullspace_threshold=PROJECTION_THRESHOLD)
+    kept = _kept_directions(C0, PROJECTION_THRESHOLD)
+    assert 0 < kept.shape[1] < D_K
+    P = method.state(0, "projection")
+    torch.testing.assert_close(P @ P, P)
+    assert (P @ kept).abs().max() < 1e-12
+    assert not any(key.startswith("projection") for key in method.state_dict())
+    plain, _, _ = _method()
+    assert not hasattr(plain, "projection_0")
+
+
+@pytest.mark.parametrize("l2", [10.0, 0.5])
+def test_projected_steps_solve_the_replay_problem_in_the_null_space(l2):
+    """Four steps on one layer with the projection: every update leaves the retained directions of C0 untouched and
+    minimises the step's LyapLock objective + l2 ||Delta||^2 over updates Delta = X P (gradient times P is zero)."""
+    lam, budget = 2.0, 1.0
+    method, [W0], [C0] = _method(
+        n_layers=1, budget=budget, mom2_weight=lam, nullspace_threshold=PROJECTION_THRESHOLD, l2=l2
+    )
+    kept, P = _kept_directions(C0, PROJECTION_THRESHOLD), method.state(0, "projection")
+    gen = torch.Generator().manual_seed(12)
+    W, past = W0.clone(), []
+    for step in range(4):
+        K, R = _batch(gen, scale=3.0)
+        Q = float(method.state(0, "queue"))
+        delta = method.solve(0, W, K, R)
+        assert (delta @ kept).abs().max() < 1e-10 * delta.abs().max()
+        Wn = W + delta
+        grad = (Wn @ K - (W @ K + R)) @ K.T + lam * Q * (Wn - W0) @ C0 + l2 * delta
+        for Kp, Vp in past:
+            grad = grad + (Wn @ Kp - Vp) @ Kp.T
+        assert (grad @ P).abs().max() < 1e-9 * (R @ K.T).abs().max(), step
+        method.after_layer_update(0, Wn, K)
+        method.after_step()
+        past.append((K, Wn @ K))
+        W = Wn
+    assert float(method.state(0, "queue")) > 1.0  # the queue acted on the projected updates too
+    assert ((W - W0) @ kept).abs().max() < 1e-10 * (W - W0).abs().max()
+
+
+def test_projected_step_one_without_preservation_weight_is_alphaedit():
+    """At W = W0 with lambda -> 0 nothing but the projection and the ridge constrains step 1: AlphaEdit's update."""
+    method, [W0], [C0] = _method(n_layers=1, mom2_weight=1e-12, nullspace_threshold=PROJECTION_THRESHOLD, l2=3.0)
+    alphaedit = AlphaEdit(layers=[0], nullspace_threshold=PROJECTION_THRESHOLD, l2=3.0)
+    alphaedit.register_buffer("c0_0", C0)
+    alphaedit.setup_state()
+    K, R = _batch(torch.Generator().manual_seed(13))
+    torch.testing.assert_close(method.solve(0, W0, K, R), alphaedit.solve(0, W0, K, R))
+
+
 # -- end to end ----------------------------------------------------------------------------------------------------
 def test_lyaplock_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):
     lam = 100.0
@@ -262,3 +331,28 @@ def test_lyaplock_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, ti
         assert log[f"lyaplock/layer_{layer:02d}/queue"] == pytest.approx(max(ratio, 1.0), rel=1e-9)
         queues.append(log[f"lyaplock/layer_{layer:02d}/queue"])
     assert max(queues) > 1.0  # with budget = 1 the budget is D_base: a second batch of edits exceeds it
+
+
+def test_lyaplock_with_nullspace_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):
+    """Two steps on a tiny model with the projection: the edits land and the accumulated change leaves C0's retained
+    directions untouched (up to the float32 rounding of the stored weight)."""
+    threshold = NULLSPACE_THRESHOLD[tiny_model.config.model_type]
+    # as in the AlphaEdit end-to-end test: l2 1 and a tighter clamp keep a one-step write within half a null space
+    method = bind(
+        LyapLock(
+            mom2_weight=1.0, budget=1.0, nullspace_threshold=threshold, l2=1.0, clamp_norm_factor=0.3, **method_kwargs
+        ),
+        tiny_model,
+    )
+    for requests in (tiny_requests[:2], tiny_requests[2:]):
+        out = edit_and_check(method, tiny_model, requests)
+        gap_before = (out["h_before"] - out["z"]).norm(dim=0)
+        gap_after = (out["h_after"] - out["z"]).norm(dim=0)
+        assert (gap_after < 0.8 * gap_before).all(), (gap_before, gap_after)
+    assert int(method.steps_done) == 2
+    for i, w in enumerate(method.edited_weights().values()):
+        eigvals, eigvecs = torch.linalg.eigh(method.c0(i))
+        kept = eigvecs[:, eigvals >= threshold]
+        assert 0 < kept.shape[1] < len(eigvals)
+        change = w.get().double() - method.w0(i).double()
+        assert (change @ kept).abs().max() < 1e-4 * change.abs().max()
