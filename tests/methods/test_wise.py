@@ -650,10 +650,11 @@ def test_merge_freq_must_be_a_multiple_of_save_freq():
         WiseMemory(save_freq=3, merge_freq=5)
 
 
-def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path):
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path, retrieve):
     from main import cli_main
 
-    wise = ("callbacks.WiseMemory", {"save_freq": 1, "merge_freq": 2})
+    wise = ("callbacks.WiseMemory", {"save_freq": 1, "merge_freq": 2, "retrieve": retrieve})
     every = {"dirpath": str(tmp_path / "every"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}"}
     keep = callbacks_config(tmp_path / "keep.yaml", wise, ("lightning.pytorch.callbacks.ModelCheckpoint", every))
     schedule = callbacks_config(tmp_path / "schedule.yaml", wise)
@@ -670,7 +671,9 @@ def test_cli_resume_mid_stream_gives_the_same_memories(tiny_run, tmp_path):
     assert full["working_texts"] == resumed["working_texts"]
     for key in ("working", "base"):
         torch.testing.assert_close(resumed[key], full[key])
-    torch.testing.assert_close(resumed["pending"], full["pending"])
+    for key in ("pending", "sealed"):
+        torch.testing.assert_close(resumed[key], full[key])
+    assert (full["base"] is None) == retrieve  # WISE-Retrieve seals memories instead of merging into one
 
 
 def test_wise_callbacks_refuse_other_methods():
