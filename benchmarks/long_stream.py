@@ -11,6 +11,9 @@ records of the stream file, ``validate``) beside it.
 
     python benchmarks/long_stream.py --limit 3000 --methods lyaplock memit alphaedit --out docs/long_stream
 
+A stream longer than one sitting continues where its last checkpoint left it with the same arguments and
+``--resume`` (``--work-dir`` may be an absolute path outside the repository, for example in the cache directory).
+
 Variants for the LyapLock questions: ``lyaplock_q1`` holds the queue at 1 (a budget no loss reaches: the replaying
 anchored update without the queue's extra weight), ``lyaplock_tight`` sets a budget of 4 that D(W) passes after
 ~400 edits of this stream, so the queue acts, ``lyaplock_budget15`` one between the two that layer 7's D(W) passes
@@ -83,6 +86,9 @@ def run_method(name: str, opts: argparse.Namespace, root: Path, out: Path, resul
         "--model.eval_sample", str(opts.sample), "--trainer.val_check_interval", str(opts.interval),
         "--checkpoint.every_n_train_steps", str(opts.interval), "--trainer.default_root_dir", str(root),
     ]  # fmt: skip
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    if opts.resume and checkpoint.exists():  # the stream fingerprint in the checkpoint must match these arguments
+        cmd += ["--ckpt_path", str(checkpoint)]
     print("$", " ".join(cmd), flush=True)
     process = subprocess.Popen(cmd, cwd=REPO)
     while process.poll() is None:
@@ -145,7 +151,12 @@ def main() -> None:
     parser.add_argument("--general-examples", type=int, default=100, help="examples per general-ability task")
     parser.add_argument("--seed", type=int, default=0, help="order of the stream")
     parser.add_argument("--methods", nargs="+", default=["lyaplock", "memit", "alphaedit"], choices=list(METHODS))
-    parser.add_argument("--work-dir", default="runs/long_stream")
+    parser.add_argument("--work-dir", default="runs/long_stream", help="run directories (relative to the repo)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run from its work-dir checkpoint (written every --interval steps) where there is one",
+    )
     parser.add_argument(
         "--extra", action="append", default=[], help="an extra CLI argument for every run (--extra=--k=v, repeatable)"
     )
