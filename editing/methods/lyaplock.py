@@ -12,8 +12,9 @@ Step t >= 2: ``A = V K K^T + lambda Q C0 + V Skk``, ``B = V R K^T + lambda Q (W0
 
 With ``nullspace_threshold`` the same objective is minimised over updates in the null space of C0 (AlphaEdit's
 projection ``P``), with AlphaEdit's ridge ``l2 ||Delta||^2``: ``Delta = B P (A P + l2 I)^-1``. DESIGN.md section 5 has
-no projection; the mission lists LyapLock "with AlphaEdit's null-space projection", and the paper reports LyapLock
-on top of baseline editors: a switch, off by default (docs/fidelity.md).
+no projection; the project's mission names LyapLock "with AlphaEdit's null-space projection", and the paper says
+LyapLock can also enhance baseline editors: a switch, off by default (docs/fidelity.md, measured in
+docs/long_stream.md).
 """
 
 from __future__ import annotations
