@@ -19,7 +19,12 @@ anchored update without the queue's extra weight), ``lyaplock_tight`` sets a bud
 ~400 edits of this stream, so the queue acts, ``lyaplock_budget15`` one between the two that layer 7's D(W) passes
 after ~1,050 edits (the preset's D reached 13.8 D_base at 1,000 edits, 15.8 at 1,100), ``lyaplock_10layers`` edits
 blocks 3-12 instead of 3-7 (capacity or drift?), ``lyaplock_tight_nullspace`` is ``lyaplock_tight`` with AlphaEdit's
-null-space projection (``nullspace_threshold`` 2e-2, ridge 10: AlphaEdit's release settings).
+null-space projection (``nullspace_threshold`` 2e-2, ridge 10: AlphaEdit's release settings) and
+``lyaplock_budget15_nullspace`` the same projection under the budget of 15.
+
+A stream may stop short of its length (``--extra=--trainer.max_steps=30``: all edits so far are scored at the stop)
+and go on later with ``--resume`` and a larger ``max_steps``, as the stream's fingerprint covers all ``--limit``
+records: ``--limit 10000`` streams all 9,952 records of the file in a seeded order.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ METHODS: dict[str, list[str]] = {
     "lyaplock_10layers": [*LYAPLOCK, *TEN_LAYERS],
     "lyaplock_tight_10layers": [*LYAPLOCK, *TIGHT, *TEN_LAYERS],
     "lyaplock_tight_nullspace": [*LYAPLOCK, *TIGHT, *NULLSPACE],
+    "lyaplock_budget15_nullspace": [*LYAPLOCK, *MIDDLE, *NULLSPACE],
 }
 MILESTONES = (1000, 2000, 5000, 10000)
 KEYS = ("efficacy", "generalization", "specificity", "locality", "perplexity", "scored_edits")
@@ -118,8 +124,8 @@ def at_milestones(summary: dict) -> dict[int, dict[str, float]]:
     rows = {}
     for milestone in (*MILESTONES, summary["protocol"]["total_edits"]):
         before = [h for h in history if h["edits"] <= milestone]
-        if before and milestone <= summary["protocol"]["total_edits"]:
-            rows[milestone] = {"edits": before[-1]["edits"], **before[-1]["metrics"]}
+        if before and milestone <= summary["protocol"]["total_edits"]:  # keyed by edits: a stop short of a milestone
+            rows[before[-1]["edits"]] = {"edits": before[-1]["edits"], **before[-1]["metrics"]}
     general = summary.get("curves", {}).get("GeneralAbility", [])
     for row in rows.values():
         at = [g for g in general if g["edits"] <= row["edits"]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+from jsonargparse.typing import PositiveFloat
 
 from editing.arguments import check_arguments
 from editing.methods.base import LocateThenEdit, solve_right
@@ -43,12 +43,13 @@ class AlphaEdit(LocateThenEdit):
     Args:
         nullspace_threshold: eigenvalues of ``C0`` below this span the null space edits may use (paper: 2e-2).
         l2: ridge term added to the projected system: the paper writes ``I`` (1); the release's hparams for Llama3-8B,
-            GPT-J and GPT2-XL all set ``L2 = 10``, the default here (docs/fidelity.md).
+            GPT-J and GPT2-XL all set ``L2 = 10``, the default here (docs/fidelity.md). It must be positive: the
+            projected system ``A P`` alone is singular (``P`` drops the retained directions).
         **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
     """
 
     @check_arguments
-    def __init__(self, *args, nullspace_threshold: PositiveFloat = 2e-2, l2: NonNegativeFloat = 10.0, **kwargs) -> None:
+    def __init__(self, *args, nullspace_threshold: PositiveFloat = 2e-2, l2: PositiveFloat = 10.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2

@@ -20,7 +20,7 @@ docs/long_stream.md).
 from __future__ import annotations
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+from jsonargparse.typing import PositiveFloat
 
 from editing.arguments import check_arguments
 from editing.methods.alphaedit import nullspace_projection, projected_solve
@@ -49,7 +49,8 @@ class LyapLock(LocateThenEdit):
         mom2_weight: lambda (release: 1000).
         nullspace_threshold: ``None`` (DESIGN.md section 5: no projection) or AlphaEdit's threshold (2e-2): each
             update is restricted to the null space of C0 spanned by its eigenvectors below it.
-        l2: the ridge of the projected solve (AlphaEdit's release: 10); used only with ``nullspace_threshold``.
+        l2: the ridge of the projected solve (AlphaEdit's release: 10), positive as in AlphaEdit; used only with
+            ``nullspace_threshold``.
         **kwargs: the :class:`~editing.methods.base.LocateThenEdit` arguments.
     """
 
@@ -61,7 +62,7 @@ class LyapLock(LocateThenEdit):
         V: PositiveFloat = 1.0,
         mom2_weight: PositiveFloat = 1000.0,
         nullspace_threshold: PositiveFloat | None = None,
-        l2: NonNegativeFloat = 10.0,
+        l2: PositiveFloat = 10.0,
         **kwargs,
     ) -> None:
         super().__init__(*args, mom2_weight=mom2_weight, **kwargs)

@@ -122,9 +122,13 @@ def test_no_null_space_means_no_update(caplog):
     assert torch.equal(method.solve(0, W, K, R), torch.zeros(D_V, D_K, dtype=torch.float64))
 
 
-def test_rejects_non_positive_threshold():
-    with pytest.raises(ValueError, match="nullspace_threshold"):
-        AlphaEdit(nullspace_threshold=0.0)
+@pytest.mark.parametrize(
+    "kwargs, field", [(dict(nullspace_threshold=0.0), "nullspace_threshold"), (dict(l2=0.0), "l2")]
+)
+def test_rejects_non_positive_arguments(kwargs, field):
+    """l2 = 0 would make the projected system ``A P`` singular: refused with its name, not inside torch.linalg."""
+    with pytest.raises(ValueError, match=field):
+        AlphaEdit(**kwargs)
 
 
 def test_alphaedit_end_to_end(tiny_model, method_kwargs, bind, edit_and_check, tiny_requests):

@@ -90,6 +90,7 @@ def test_next_queue_recursion_with_floor(Q, ratio, expected):
         (dict(mom2_weight=0), "mom2"),
         (dict(nullspace_threshold=0.0), "nullspace_threshold"),
         (dict(l2=-1.0), "l2"),
+        (dict(l2=0.0, nullspace_threshold=2e-2), "l2"),  # the projected system A P alone is singular
     ],
 )
 def test_rejects_bad_arguments(kwargs, field):
