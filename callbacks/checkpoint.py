@@ -39,3 +39,12 @@ class RunCheckpoint(ModelCheckpoint):
         # beside summary.json, not under the first logger's version directory (ModelCheckpoint's default)
         self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning saves a step's checkpoint when the step ends, before that step's evaluation. Saved again after
+        # it, the checkpoint holds the evaluation: a run resumed from it keeps that point (a long stream's milestone)
+        # in its history, summary.json and curves instead of dropping it.
+        saved_this_step = self._last_global_step_saved == trainer.global_step and self.last_model_path
+        if saved_this_step and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

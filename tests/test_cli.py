@@ -87,6 +87,21 @@ def test_resume_mid_stream_matches_uninterrupted_run(tiny_run: dict[str, Path], 
     assert summary["protocol"]["edit_steps"] == 3
 
 
+def test_a_stream_stopped_short_continues_with_every_evaluation(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    """A long stream run in sittings (``max_steps`` short of the stream, then ``--ckpt_path``) keeps the evaluation
+    made at the checkpoint's step in its history, and ends where the uninterrupted run ends."""
+    every_step = ["--trainer.val_check_interval", "1", "--checkpoint.every_n_train_steps", "1"]
+    cli_main(_args(tiny_run, "lyaplock", tmp_path / "full", *every_step))
+    sittings = tmp_path / "sittings"
+    cli_main(_args(tiny_run, "lyaplock", sittings, *every_step, "--trainer.max_steps", "2"))
+    checkpoint = str(sittings / "checkpoints" / "last.ckpt")
+    cli_main(_args(tiny_run, "lyaplock", sittings, *every_step, "--ckpt_path", checkpoint))
+    full, resumed = (json.loads((root / "summary.json").read_text()) for root in (tmp_path / "full", sittings))
+    assert [h["edits"] for h in resumed["history"]] == [h["edits"] for h in full["history"]] == [1, 2, 3]
+    for ours, theirs in zip(resumed["history"], full["history"], strict=True):
+        assert ours["metrics"] == pytest.approx(theirs["metrics"]), ours["edits"]
+
+
 def test_run_settings_win_over_the_checkpoints_and_are_named(tiny_run: dict[str, Path]) -> None:
     cli_main(_args(tiny_run, "memit"))
     checkpoint = tiny_run["root"] / "checkpoints" / "last.ckpt"
