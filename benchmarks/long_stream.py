@@ -119,10 +119,12 @@ def refresh(name: str, root: Path, out: Path, results: dict) -> None:
 
 
 def at_milestones(summary: dict) -> dict[int, dict[str, float]]:
-    """The evaluation at (or last before) each milestone the run reached, plus its final one."""
+    """The evaluation at (or last before) each milestone the run reached, every one that scored all edits so far (the
+    end of each sitting of a stream run in sittings) and the final one."""
     history = summary.get("history", [])
+    complete = [h["edits"] for h in history if h["metrics"].get("scored_edits") == h["edits"]]
     rows = {}
-    for milestone in (*MILESTONES, summary["protocol"]["total_edits"]):
+    for milestone in sorted({*MILESTONES, *complete, summary["protocol"]["total_edits"]}):
         before = [h for h in history if h["edits"] <= milestone]
         if before and milestone <= summary["protocol"]["total_edits"]:  # keyed by edits: a stop short of a milestone
             rows[before[-1]["edits"]] = {"edits": before[-1]["edits"], **before[-1]["metrics"]}
