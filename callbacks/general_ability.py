@@ -47,7 +47,7 @@ from typing_extensions import override
 
 from editing.distributed import gather_lists, share
 from editing.forward import target_log_probs
-from editing.rows import EncodedRows, mean_per_row, pad_right, target_token_ids
+from editing.rows import EncodedRows, max_positions, mean_per_row, pad_right, target_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("sst2", "mrpc", "cola", "rte", "mmlu", "nli")
@@ -205,11 +205,6 @@ def read_task(name: str, path: Path, examples: int | None) -> TaskExamples:
 
 
 # -- scoring --------------------------------------------------------------------------------------------------------
-def _max_positions(model: PreTrainedModel) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 @torch.no_grad()
 def label_log_probs(
     model: PreTrainedModel,
@@ -265,7 +260,7 @@ def predict(
     predictions are gathered (collective).
     """
     label_ids = [target_token_ids(tokenizer, label) for label in task.labels]
-    limit = _max_positions(model)
+    limit = max_positions(model.config)
     room = None if limit is None else limit - max(len(ids) for ids in label_ids) + 1
     prompt_ids = tokenizer(task.prompts)["input_ids"]
     cut = 0

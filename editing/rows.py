@@ -123,6 +123,11 @@ def mean_per_row(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.
     return total / count.clamp(min=1)
 
 
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest row the model takes (Llama-style and GPT-2-style configs), or None where the config names none."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def check_lengths(
     requests: Sequence[EditRequest],
     tokenizer: PreTrainedTokenizerBase,
@@ -136,7 +141,7 @@ def check_lengths(
     for every prompt. A prompt past ``max_position_embeddings`` would fail deep in the model, or grind for hours on a
     CPU (a 200,000-character subject), so it fails here with one line naming the record and the field.
     """
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = max_positions(config)
     if not limit:
         return
     prefix = max((len(tokenizer(t.replace("{}", ""))["input_ids"]) for t in templates), default=0)
