@@ -12,7 +12,8 @@ from typing_extensions import override
 
 # The latest evaluation's scores as shown beside the bar (``val/efficacy`` -> ``eff``); others keep their name.
 _SHORT = {"efficacy": "eff", "generalization": "gen", "specificity": "spec", "locality": "loc", "fluency": "flu"}
-_HIDDEN = {"val/scored_edits"}  # the sample's size: in the logs, not worth the bar's width
+# the sample's size and efficacy per age group: in the logs, not worth the bar's width
+_HIDDEN = ("val/scored_edits", "val/efficacy_by_age/")
 
 
 class EditProgressBar(TQDMProgressBar):
@@ -47,7 +48,7 @@ class EditProgressBar(TQDMProgressBar):
             elapsed = time.monotonic() - self._started
             items.update(edit_progress(int(pl_module.edits_done), len(stream.requests), elapsed, self._edits_at_start))
         for key, value in trainer.callback_metrics.items():
-            if key.startswith("val/") and key not in _HIDDEN:
+            if key.startswith("val/") and not key.startswith(_HIDDEN):
                 name = key.removeprefix("val/")
                 items[_SHORT.get(name, name)] = f"{float(value):.3g}"
         return items

@@ -47,6 +47,9 @@ from editing.requests import EditRequest
 from editing.rows import check_lengths
 
 SCORES = ("efficacy", "generalization", "specificity", "locality")
+# Efficacy is also reported per fifth of the edits made so far, oldest first (``val/efficacy_by_age/fifth_1`` .. 5):
+# on a long stream it tells old edits lost from new edits written less well.
+AGE_GROUPS = 5
 
 
 class ClosedFormStep(torch.optim.Optimizer):
@@ -143,6 +146,7 @@ class EditingModule(LightningModule):
         self.register_buffer("edits_done", torch.zeros((), dtype=torch.long))
         self.locality_reference: dict[str, list[list[int]]] = {}
         self.val_scores = nn.ModuleDict({**{name: HitRate() for name in SCORES}, "fluency": MeanScore()})
+        self.val_efficacy_by_age = nn.ModuleDict({f"fifth_{g}": HitRate() for g in range(1, AGE_GROUPS + 1)})
         if stream is not None:
             self.stream = stream
 
@@ -293,13 +297,16 @@ class EditingModule(LightningModule):
         done = int(self.edits_done)
         every = done == 0 or self.stream.scored == "all"
         # every rank reads the whole batch and scores its share of it (no request twice)
-        requests = share([r for i, r in batch if (every or i < done) and self._in_sample(i)])
-        if not requests:
+        mine = share([(i, r) for i, r in batch if (every or i < done) and self._in_sample(i)])
+        if not mine:
             return
+        requests = [r for _, r in mine]
         self._scored += len(requests)
         for name, hits in self._score(requests).items():
             if hits.numel():
                 self.val_scores[name].update(hits)
+            if name == "efficacy" and done and hits.numel() == len(requests):  # one score per request (not pooled)
+                self._update_by_age([i for i, _ in mine], hits, done)
         if self.fluency and any(r.generation_prompts for r in requests):
             # Seeded by batch so that batches do not repeat each other's draws; the same stream gives the same texts.
             scores = fluency_scores(
@@ -307,11 +314,20 @@ class EditingModule(LightningModule):
             )
             self.val_scores["fluency"].update(scores)
 
+    def _update_by_age(self, indices: list[int], hits: torch.Tensor, done: int) -> None:
+        """Efficacy of the edited requests at stream places ``indices``, split by the fifth of the ``done`` edits so
+        far that each falls in (requests not edited yet, scored by ``validate`` of a whole stream, are left out)."""
+        group = torch.tensor([i * AGE_GROUPS // done if i < done else -1 for i in indices], device=hits.device)
+        for g, metric in enumerate(self.val_efficacy_by_age.values()):
+            if (group == g).any():
+                metric.update(hits[group == g])
+
     def on_validation_epoch_end(self) -> None:
         # Computed here on every rank, not logged per batch: a rank whose shares held no probe of some kind must
         # still join that score's all-reduce (torchmetrics syncs the sums in compute); the values are then equal on
         # every rank (sync_dist only keeps Lightning from warning about epoch-level values in a distributed run).
-        for name, metric in self.val_scores.items():
+        scores = {**self.val_scores, **{f"efficacy_by_age/{k}": m for k, m in self.val_efficacy_by_age.items()}}
+        for name, metric in scores.items():
             if any_across(metric.update_count > 0):
                 self.log(f"val/{name}", metric.compute(), sync_dist=True)
             metric.reset()

@@ -132,8 +132,8 @@ def _number(text: str | None) -> float | None:
 def _panel(key: str) -> tuple[str, str]:
     """``(panel, series suffix)`` of a logged key: per-layer and per-task keys share one panel."""
     parts = key.split("/")
-    if parts[0] == "val":
-        return "/".join(parts[1:]), ""
+    if parts[0] == "val":  # val/efficacy_by_age/fifth_1: one panel, a series per group
+        return parts[1], "/".join(parts[2:])
     if parts[0] == "general":
         return "general", "/".join(parts[1:])
     if parts[0] == "routing":

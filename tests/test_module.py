@@ -47,6 +47,18 @@ def test_periodic_evaluations_score_a_seeded_sample_and_the_last_every_edit(tiny
     rows = list(csv.DictReader(next(tiny_run["root"].glob("csv/version_*/metrics.csv")).open()))
     scored = [(float(r["edits/total"]), float(r["val/scored_edits"])) for r in rows if r.get("val/scored_edits")]
     assert scored == [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2), (6, 6)]  # the stream's end: all of them
+    last = [r for r in rows if r.get("val/efficacy")][-1]
+    by_age = [float(last[f"val/efficacy_by_age/fifth_{g}"]) for g in range(1, 6)]
+    sizes = [2, 1, 1, 1, 1]  # places 0-5 of 6 edits in fifths: 0 0 1 2 3 4
+    assert sum(s * e for s, e in zip(sizes, by_age)) / 6 == pytest.approx(float(last["val/efficacy"]))
+
+
+def test_efficacy_by_age_splits_the_edits_made_so_far_in_fifths_oldest_first():
+    module = EditingModule(method=SimpleNamespace())
+    hits = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    module._update_by_age(list(range(12)), hits, done=10)  # places 10 and 11 are not edited yet: left out
+    by_age = [float(m.compute()) for m in module.val_efficacy_by_age.values()]
+    assert by_age == [1.0, 0.5, 0.5, 0.0, 0.0]
 
 
 def test_sample_is_fixed_by_its_seed():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from editing.report import load_run, main, write_report
+from editing.report import Run, load_run, main, panels, write_report
 
 pytest.importorskip("matplotlib")  # the `test` extra installs it; the plots cannot be checked without it
 
@@ -127,3 +127,11 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[bench\]"'):
         write_report([run])
+
+
+def test_a_metric_per_group_is_one_panel_with_a_line_per_group(tmp_path: Path) -> None:
+    by_age = {f"val/efficacy_by_age/fifth_{g}": {100.0: g / 4} for g in (1, 2)}
+    curves = {"val/efficacy": {100.0: 0.9}, **by_age}
+    grouped = panels([Run(tmp_path, {}, curves)])
+    assert list(grouped) == ["efficacy", "efficacy_by_age"]
+    assert [(s.label, s.y) for s in grouped["efficacy_by_age"]] == [("fifth_1", [0.25]), ("fifth_2", [0.5])]
