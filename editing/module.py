@@ -47,8 +47,8 @@ from editing.requests import EditRequest
 from editing.rows import check_lengths
 
 SCORES = ("efficacy", "generalization", "specificity", "locality")
-# Efficacy is also reported per fifth of the edits made so far, oldest first (``val/efficacy_by_age/fifth_1`` .. 5):
-# on a long stream it tells old edits lost from new edits written less well.
+# Efficacy is also reported per fifth of the edits made so far, oldest first (``val/efficacy_by_age/fifth_1`` .. 5,
+# once five edits are made): on a long stream it tells old edits lost from new edits written less well.
 AGE_GROUPS = 5
 
 
@@ -305,7 +305,7 @@ class EditingModule(LightningModule):
         for name, hits in self._score(requests).items():
             if hits.numel():
                 self.val_scores[name].update(hits)
-            if name == "efficacy" and done and hits.numel() == len(requests):  # one score per request (not pooled)
+            if name == "efficacy" and done >= AGE_GROUPS and hits.numel() == len(requests):  # one per request
                 self._update_by_age([i for i, _ in mine], hits, done)
         if self.fluency and any(r.generation_prompts for r in requests):
             # Seeded by batch so that batches do not repeat each other's draws; the same stream gives the same texts.
@@ -316,11 +316,14 @@ class EditingModule(LightningModule):
 
     def _update_by_age(self, indices: list[int], hits: torch.Tensor, done: int) -> None:
         """Efficacy of the edited requests at stream places ``indices``, split by the fifth of the ``done`` edits so
-        far that each falls in (requests not edited yet, scored by ``validate`` of a whole stream, are left out)."""
+        far that each falls in (requests not edited yet, scored by ``validate`` of a whole stream, are left out).
+
+        Every group is updated, an empty one with nothing, so that every evaluation logs all five: a group left out
+        would keep an earlier evaluation's value in the logged metrics; an empty one reads NaN.
+        """
         group = torch.tensor([i * AGE_GROUPS // done if i < done else -1 for i in indices], device=hits.device)
         for g, metric in enumerate(self.val_efficacy_by_age.values()):
-            if (group == g).any():
-                metric.update(hits[group == g])
+            metric.update(hits[group == g])
 
     def on_validation_epoch_end(self) -> None:
         # Computed here on every rank, not logged per batch: a rank whose shares held no probe of some kind must

@@ -59,6 +59,10 @@ def test_efficacy_by_age_splits_the_edits_made_so_far_in_fifths_oldest_first():
     module._update_by_age(list(range(12)), hits, done=10)  # places 10 and 11 are not edited yet: left out
     by_age = [float(m.compute()) for m in module.val_efficacy_by_age.values()]
     assert by_age == [1.0, 0.5, 0.5, 0.0, 0.0]
+    module = EditingModule(method=SimpleNamespace())
+    module._update_by_age([0, 1], hits[:2], done=10)  # a sample without the later fifths: NaN, not left out
+    by_age = [float(m.compute()) for m in module.val_efficacy_by_age.values()]
+    assert by_age[0] == 1.0 and all(v != v for v in by_age[1:])
 
 
 def test_sample_is_fixed_by_its_seed():
