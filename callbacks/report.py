@@ -47,6 +47,10 @@ class RunReport(Callback):
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_started = time.perf_counter()
+        # ``callback_metrics`` keeps every key ever logged: drop the earlier evaluations' scores, so that this
+        # evaluation's record holds only what it measured (a score it lacks must not repeat an older value).
+        for key in [key for key in trainer.callback_metrics if key.startswith("val/")]:
+            del trainer.callback_metrics[key]
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
