@@ -229,6 +229,10 @@ class WISE(EditMethod):
             evaluation's locality probes), or a ``.txt``/``.json``/``.jsonl`` file (e.g. ZsRE training records, whose
             ``loc`` questions the paper uses).
         pool_size: sentences sampled for ``irrelevant_pool: model``.
+        irrelevant_per_edit: irrelevant sentences drawn per edit (the paper: one), each kept below
+            ``irrelevant_margin`` and ``gap_margin`` under the edit. They enter training through their activations at
+            the projection only (captured once per step, no pass through the model), so more of them cost almost
+            nothing and keep more kinds of unrelated input below the threshold (this project's extension).
         pool_questions: every second model-sampled sentence starts from a question word (:data:`QUESTION_SEEDS`),
             so the pool and the centre of ``score: centred`` also hold questions, as a chat model's unrelated inputs
             often are (this project's extension; off: every sentence starts from a word of ``SAMPLE_SEEDS``).
@@ -291,6 +295,7 @@ class WISE(EditMethod):
         prefix_length: PositiveInt = 10,
         irrelevant_pool: str = "model",
         pool_size: PositiveInt = 100,
+        irrelevant_per_edit: PositiveInt = 1,
         pool_questions: bool = False,
         replay: NonNegativeInt = 0,
         retrieval: RetrievalRule = "score",
@@ -325,6 +330,7 @@ class WISE(EditMethod):
         self.ties_density, self.merge_style = ties_density, merge_style
         self.prefixes, self.prefix_length = prefixes, prefix_length
         self.irrelevant_pool, self.pool_size, self.replay = irrelevant_pool, pool_size, replay
+        self.irrelevant_per_edit = irrelevant_per_edit
         self.retrieval = retrieval
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
@@ -498,20 +504,24 @@ class WISE(EditMethod):
         )
 
     def _irrelevant(self, requests: Sequence[EditRequest], rng: random.Random) -> tuple[Texts, torch.Tensor]:
-        """One irrelevant sentence and ``subject_swaps`` subject-swapped prompts per request (-> its request index),
-        plus ``replay`` old edits (-> -1: all)."""
+        """``irrelevant_per_edit`` irrelevant sentences (distinct, as many as the pool or the request's locality
+        probes hold) and ``subject_swaps`` subject-swapped prompts per request (-> its request index), plus ``replay``
+        old edits (-> -1: all)."""
         chosen: Texts = []
-        for r in requests:
-            if self.irrelevant_pool == "locality" and r.locality:
-                probe = rng.choice(r.locality)
-                chosen.append((f"{probe.prompt} {probe.answer}", ""))
-            elif self.irrelevant_pool == "locality":
+        owner: list[int] = []
+        for i, r in enumerate(requests):
+            if self.irrelevant_pool != "locality":
+                texts = self.pool
+            elif r.locality:
+                texts = [f"{probe.prompt} {probe.answer}" for probe in r.locality]
+            else:
                 raise ValueError(
                     f"irrelevant_pool: request {r.case_id!r} has no locality probes; use 'model' or a file instead"
                 )
-            else:
-                chosen.append((rng.choice(self.pool), ""))
-        owner = list(range(len(requests)))
+            # one draw is rng.choice's: the runs measured before this switch keep their sentences
+            drawn = rng.sample(texts, min(self.irrelevant_per_edit, len(texts)))
+            chosen += [(text, "") for text in drawn]
+            owner += [i] * len(drawn)
         for i, r in enumerate(requests):
             for span in rng.sample(self.spans, min(self.subject_swaps, len(self.spans))):
                 chosen.append((f"{r.prompt.replace('{}', span)} {r.target_new}", ""))

@@ -326,6 +326,31 @@ def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edi
     assert len({text for text, _ in irrelevant[2:5]}) == 3
 
 
+def test_irrelevant_per_edit_draws_distinct_sentences_owned_by_their_edit(tiny_llama, bind, tiny_requests):
+    method = bind(small_wise(irrelevant_per_edit=3), tiny_llama)
+    irrelevant, owner = method._irrelevant(tiny_requests[:2], random.Random(0))
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1]
+    assert all(len({text for text, _ in irrelevant[i : i + 3]}) == 3 for i in (0, 3))
+    assert {text for text, _ in irrelevant} <= set(method.pool)
+    probes = bind(small_wise(irrelevant_per_edit=3, irrelevant_pool="locality"), tiny_llama)
+    irrelevant, owner = probes._irrelevant(tiny_requests[:2], random.Random(0))
+    assert owner.tolist() == [0, 0, 1], "as many as the request's locality probes hold"
+    assert sorted(text for text, _ in irrelevant[:2]) == ["Ghana is in Madrid", "The capital of France is Paris"]
+
+
+def test_more_irrelevant_sentences_per_edit_keep_more_of_the_pool_below_the_margin(tiny_llama, bind, tiny_requests):
+    scores = {}
+    for per_edit in (1, 4):
+        wise = small_wise(irrelevant_per_edit=per_edit, steps=20, margin_average="all")  # configs/wise.yaml's average
+        method = bind(wise, copy.deepcopy(tiny_llama))
+        for request in tiny_requests[:2]:
+            method.apply([request], method.prepare([request]))
+        pool_scores, _ = method.scores_of([(text, "") for text in method.pool])
+        scores[per_edit] = pool_scores[-1]
+    assert scores[4].max() < scores[1].max()
+    assert scores[4].mean() < scores[1].mean()
+
+
 def test_other_models_get_three_quarters_depth_and_slack_088_logged(tiny_llama, bind, caplog):
     assert wise_preset(tiny_llama.config) is None
     with caplog.at_level(logging.INFO, logger="editing.methods.wise"):
