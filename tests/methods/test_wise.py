@@ -338,7 +338,7 @@ def test_irrelevant_per_edit_draws_distinct_sentences_owned_by_their_edit(tiny_l
     assert sorted(text for text, _ in irrelevant[:2]) == ["Ghana is in Madrid", "The capital of France is Paris"]
 
 
-def test_more_irrelevant_sentences_per_edit_keep_more_of_the_pool_below_the_margin(tiny_llama, bind, tiny_requests):
+def test_more_irrelevant_sentences_per_edit_lower_the_pool_sentences_scores(tiny_llama, bind, tiny_requests):
     scores = {}
     for per_edit in (1, 4):
         wise = small_wise(irrelevant_per_edit=per_edit, steps=20, margin_average="all")  # configs/wise.yaml's average
