@@ -59,6 +59,15 @@ def _text_problem(value: object, field: str) -> str | None:
     return None
 
 
+def _check_text_fields(obj: object, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Raises on the first text field of ``obj`` that is not a non-blank string (``optional`` ones may be None)."""
+    for name in required + optional:
+        value = getattr(obj, name)
+        problem = None if value is None and name in optional else _text_problem(value, name)
+        if problem:
+            raise RequestError(problem)
+
+
 def _texts_tuple(value: object, field: str) -> tuple[str, ...]:
     """Tuple-ises a sequence of texts so requests stay hashable, failing on the first bad item."""
     if not isinstance(value, list | tuple):
@@ -88,14 +97,7 @@ class LocalityProbe:
 
     def __post_init__(self) -> None:
         """Fails at construction so a bad probe never reaches a metric."""
-        for name in ("prompt", "answer"):
-            problem = _text_problem(getattr(self, name), name)
-            if problem:
-                raise RequestError(problem)
-        if self.gold_prompt is not None:
-            problem = _text_problem(self.gold_prompt, "gold_prompt")
-            if problem:
-                raise RequestError(problem)
+        _check_text_fields(self, ("prompt", "answer"), optional=("gold_prompt",))
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,7 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         """Validates at construction, so a bad request fails where it is made, not inside a training step."""
-        for name in ("case_id", "prompt", "subject", "target_new"):
-            problem = _text_problem(getattr(self, name), name)
-            if problem:
-                raise RequestError(problem)
-        if self.target_true is not None:
-            problem = _text_problem(self.target_true, "target_true")
-            if problem:
-                raise RequestError(problem)
+        _check_text_fields(self, ("case_id", "prompt", "subject", "target_new"), optional=("target_true",))
         count = self.prompt.count(_PLACEHOLDER)
         if count != 1:
             raise RequestError(f"field 'prompt' must contain '{_PLACEHOLDER}' exactly once, found {count}")
