@@ -21,17 +21,18 @@ from cli_runs import REPO, run_cli
 ARG = "--model.method.init_args."
 
 
-GRAMMAR = "<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_r<n>][_t<q>][_bf16|_f32]"
+GRAMMAR = "<preset|b<block>>[_paper|_centred][_max][_loss][_q][_s<slack>][_w<n>][_k<weight>][_r<n>][_t<q>][_bf16|_f32]"
 
 
 def variant_args(name: str) -> list[str]:
     """Settings of a variant named by :data:`GRAMMAR`: the shipped preset or the block of the side memory, then the
     paper's or the centred score, the maximum token score for every row, the release's stop rule (loss only, no argmax
-    stop), questions in the model-sampled pool, the threshold slack, subject swaps per edit, rehearsed earlier edits
-    per step, the threshold quantile, and the precision of the frozen model during the memory's SGD (``train_precision``
-    bfloat16, or the model's own float32)."""
+    stop), questions in the model-sampled pool, the threshold slack, subject swaps per edit, the weight of the term that
+    keeps the swapped prompts' unedited outputs (``swap_kl``), rehearsed earlier edits per step, the threshold
+    quantile, and the precision of the frozen model during the memory's SGD (``train_precision`` bfloat16, or the
+    model's own float32)."""
     block, *flags = name.split("_")
-    numbered = [f for f in flags if f[:1] in "swrt" and f[1:].replace(".", "", 1).isdigit()]
+    numbered = [f for f in flags if f[:1] in "swkrt" and f[1:].replace(".", "", 1).isdigit()]
     known = {"paper", "centred", "max", "loss", "q", "bf16", "f32", *numbered}
     if not (block == "preset" or block.startswith("b") and block[1:].isdigit()) or set(flags) - known:
         raise SystemExit(f"variant '{name}': expected {GRAMMAR}")
@@ -47,7 +48,7 @@ def variant_args(name: str) -> list[str]:
     for flag, precision in (("bf16", "bfloat16"), ("f32", "model")):
         if flag in flags:
             args += [f"{ARG}train_precision", precision]
-    names = {"s": "slack", "w": "subject_swaps", "r": "rehearse", "t": "threshold_quantile"}
+    names = {"s": "slack", "w": "subject_swaps", "k": "swap_kl", "r": "rehearse", "t": "threshold_quantile"}
     for flag in numbered:
         args += [f"{ARG}{names[flag[0]]}", flag[1:]]
     return args

@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 
 from editing.arguments import PositiveFraction, check_arguments
 from editing.corpus import SAMPLE_SEEDS, file_texts
-from editing.forward import blocks_from, capture, token_log_probs
+from editing.forward import blocks_from, capture, log_softmax_at, token_log_probs
 from editing.locate import generate_context_templates
 from editing.methods.base import EditMethod, TargetPrecision
 from editing.models import architecture_of, precision_runner, sample_text
@@ -160,13 +160,15 @@ class EditRows:
 
     Attributes:
         rows: every request written behind each prefix (and bare), followed by ``target_new``; then the rehearsed
-            earlier edits of the memory (``rehearse``), bare.
+            earlier edits of the memory (``rehearse``), bare; then the ``kept`` subject-swapped prompts (``swap_kl``),
+            without a target.
         owner: ``(E,)`` request index of each of the first ``E`` rows, those of this step's requests (the routing
             margins concern them; the rehearsed rows only add cross entropy).
         hidden: ``(B, T, d)`` input of the side-memory block.
         a: ``(B, T, d_in)`` input of the side-memory projection.
         a_irr, irr_mask: the same for the irrelevant sentences, and their attention mask.
         irr_owner: request index of each irrelevant sentence (-1: a replayed edit, irrelevant to every request).
+        kept: how many trailing rows are subject-swapped prompts whose next-token distribution the memory keeps.
     """
 
     rows: EncodedRows
@@ -176,6 +178,7 @@ class EditRows:
     a_irr: torch.Tensor
     irr_mask: torch.Tensor
     irr_owner: torch.Tensor
+    kept: int = 0
 
     @property
     def edit_rows(self) -> int:
@@ -253,6 +256,11 @@ class WISE(EditMethod):
             a one- or two-word span of a model-sampled sentence, followed by the new target (this project's
             extension, not in the paper), so the memory cannot route on the template and answer an edit shares with
             its neighbourhood ("The capital of Spain is Madrid" beside the edit "The capital of France is Madrid").
+        swap_kl: weight of a term that keeps, under the memory, the unedited model's next-token distribution at the
+            end of each subject-swapped prompt (``KL(unedited || memory)``, batch mean; this project's extension, not
+            in the paper; needs ``subject_swaps``). Where routing cannot tell an edit's neighbourhood from the edit
+            (the same template around another subject), the memory itself must then answer the template by its
+            subject, as a locate-then-edit update keyed on the subject does. 0: the paper's training.
         rehearse: per step, this many earlier edits that the task vector being trained holds (the current shard's,
             and the merged memory's under ``merge_style: continue``; bare prompt and target, drawn at random) join the
             step's cross entropy (this project's extension, not in the paper, against the forgetting
@@ -303,12 +311,15 @@ class WISE(EditMethod):
         long_input_max: NonNegativeInt | None = 100,
         score: Score | None = None,
         subject_swaps: NonNegativeInt = 0,
+        swap_kl: NonNegativeFloat = 0.0,
         rehearse: NonNegativeInt = 0,
         threshold_quantile: PositiveFraction | None = None,
         train_precision: TargetPrecision = "model",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if swap_kl and not subject_swaps:
+            raise ValueError("swap_kl: keeps the outputs of the subject-swapped prompts; set subject_swaps above 0")
         self.pool: list[str] = []  # irrelevant sentences: read from the file here, sampled in setup for "model"
         if irrelevant_pool not in ("model", "locality"):
             path = Path(irrelevant_pool).expanduser()
@@ -336,6 +347,7 @@ class WISE(EditMethod):
         self.pool_questions = pool_questions
         self.long_input_max, self.score, self.seed = long_input_max, score, seed
         self.subject_swaps, self.rehearse, self.threshold_quantile = subject_swaps, rehearse, threshold_quantile
+        self.swap_kl = swap_kl
         self.train_precision = train_precision
         self._runner: tuple[PreTrainedModel | None] = (None,)  # a tuple: the copy is neither a submodule nor state
         self.spans: list[str] = []  # subject replacements for subject_swaps, cut from model-sampled sentences
@@ -481,11 +493,14 @@ class WISE(EditMethod):
         model, tokenizer = self.model, self.tokenizer
         start = time.perf_counter()
         rng = random.Random(self.seed * 1_000_003 + self.memory.edit_count())  # resumes with the stream
-        irrelevant, irr_owner = self._irrelevant(requests, rng)
+        irrelevant, irr_owner, swapped = self._irrelevant(requests, rng)
         held = self.memory.trained_texts()  # what the task vector trained here already holds
         rehearsed = rng.sample(held, min(self.rehearse, len(held)))
+        kept = swapped if self.swap_kl else []
         prompts = [t.replace("{}", r.text) for r in requests for t in self.templates] + [p for p, _ in rehearsed]
+        prompts += kept
         targets = [r.target_new for r in requests for _ in self.templates] + [t for _, t in rehearsed]
+        targets += [None] * len(kept)
         rows = encode_rows(tokenizer, prompts, None, targets, device=model.device)
         owner = torch.arange(len(requests), device=model.device).repeat_interleave(len(self.templates))
         irr_rows = encode_rows(tokenizer, [t for t, _ in irrelevant], None, None, device=model.device)
@@ -502,14 +517,16 @@ class WISE(EditMethod):
             a_irr,
             irr_rows.attention_mask,
             irr_owner.to(model.device),
+            len(kept),
         )
 
-    def _irrelevant(self, requests: Sequence[EditRequest], rng: random.Random) -> tuple[Texts, torch.Tensor]:
+    def _irrelevant(self, requests: Sequence[EditRequest], rng: random.Random) -> tuple[Texts, torch.Tensor, list[str]]:
         """``irrelevant_per_edit`` irrelevant sentences (distinct, as many as the pool or the request's locality
         probes hold) and ``subject_swaps`` subject-swapped prompts per request (-> its request index), plus ``replay``
-        old edits (-> -1: all)."""
+        old edits (-> -1: all); and the subject-swapped prompts alone, without the target."""
         chosen: Texts = []
         owner: list[int] = []
+        swapped: list[str] = []
         for i, r in enumerate(requests):
             if self.irrelevant_pool != "locality":
                 texts = self.pool
@@ -525,13 +542,14 @@ class WISE(EditMethod):
             owner += [i] * len(drawn)
         for i, r in enumerate(requests):
             for span in rng.sample(self.spans, min(self.subject_swaps, len(self.spans))):
-                chosen.append((f"{r.prompt.replace('{}', span)} {r.target_new}", ""))
+                swapped.append(r.prompt.replace("{}", span))
+                chosen.append((f"{swapped[-1]} {r.target_new}", ""))
                 owner.append(i)
         old = [f"{p} {t}" for texts in self.memory.sealed_texts for p, t in texts]
         for text in rng.sample(old, min(self.replay, len(old))):
             chosen.append((text, ""))
             owner.append(-1)
-        return chosen, torch.tensor(owner)
+        return chosen, torch.tensor(owner), swapped
 
     def apply(self, requests: Sequence[EditRequest], plan: EditRows) -> None:
         start = time.perf_counter()
@@ -551,16 +569,22 @@ class WISE(EditMethod):
         loss_value, previous, used, tokens = float("nan"), math.inf, self.steps, 0
         runner = self._runner[0] or model
         hidden = plan.hidden.to(runner.dtype)
-        dummy = torch.zeros_like(rows.input_ids)
+        trained = len(rows) - plan.kept  # rows with a target; the kept subject swaps follow them
+        kept = torch.arange(trained, len(rows), device=full_mask.device)
+        kept_end = rows.last_prompt_pos[kept]
+        if plan.kept:
+            with torch.no_grad(), self.router.disabled():  # the unedited distribution the memory must keep
+                final = self._upper_blocks(runner, hidden[kept], full_mask[kept])
+                kept_reference = log_softmax_at(runner, final[torch.arange(plan.kept), kept_end])
+        swap_value = 0.0
         with self.training_pass(runner, tau):
             for step in range(self.steps):
                 with torch.enable_grad():
-                    with blocks_from(runner, self.block - 1, hidden):
-                        final = runner.base_model(input_ids=dummy, attention_mask=full_mask, use_cache=False)[0]
+                    final = self._upper_blocks(runner, hidden, full_mask)
                     tokens += int(full_mask.sum())
                     r, p, ids = rows.target_positions()
                     token_lp, hit = token_log_probs(runner, final[r, p], ids)
-                    ce = mean_per_row(-token_lp, r, len(rows)).mean()
+                    ce = mean_per_row(-token_lp, r, len(rows))[:trained].mean()
                     s_edit = torch.cat(
                         [
                             self.router.scores(a[:e], tau, full_mask[:e]),
@@ -576,6 +600,15 @@ class WISE(EditMethod):
                         + self._hinge(self.gap_margin - gap)
                     )
                     loss = ce + routing
+                    if plan.kept:
+                        swap = F.kl_div(
+                            log_softmax_at(runner, final[kept, kept_end]),
+                            kept_reference,
+                            reduction="batchmean",
+                            log_target=True,
+                        )
+                        swap_value = swap.item()
+                        loss = loss + self.swap_kl * swap
                     loss_value = loss.item()
                     flat = abs(loss_value - previous) <= self.stop_flatness
                     previous = loss_value
@@ -605,12 +638,20 @@ class WISE(EditMethod):
             "train/wise_loss": loss_value,
             "train/wise_steps": float(used),
             "train/wise_tokens": float(tokens),
-            "train/wise_rehearsed": float(len(rows) - e),
+            "train/wise_rehearsed": float(trained - e),
             "wise/edit_score": float(s_bare.min()),
             "wise/threshold": self.memory.answering()[-1][1],  # the current memory's, with its floor
             "wise/memories": float(self.memory.memory_count()),  # after this step's edit, before any merge
             "wise/shard": float(self.memory.shard),
         }
+        if plan.kept:
+            self._log["train/wise_swap_kl"] = swap_value  # at the last iteration
+
+    def _upper_blocks(self, runner: PreTrainedModel, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of rows whose side-memory block input is ``hidden``: only the blocks from there up."""
+        dummy = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)  # embeddings are replaced by `hidden`
+        with blocks_from(runner, self.block - 1, hidden):
+            return runner.base_model(input_ids=dummy, attention_mask=mask, use_cache=False)[0]
 
     @contextlib.contextmanager
     def training_pass(self, runner: PreTrainedModel, tau: torch.Tensor) -> Iterator[None]:

@@ -16,6 +16,7 @@ from editing.methods import WISE
 from editing.methods.wise import wise_preset
 from editing.metrics import score_targets
 from editing.router import Router, choose_memory, routing_scores
+from editing.rows import encode_rows
 from editing.side_memory import SideMemory, shard_mask, ties_merge
 from editing.wise_export import export_edited, load_edited
 
@@ -317,8 +318,11 @@ def test_pool_questions_make_every_second_sampled_sentence_a_question(tiny_llama
 
 def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edit(tiny_llama, bind, tiny_requests):
     method = bind(small_wise(subject_swaps=3), tiny_llama)
-    irrelevant, owner = method._irrelevant(tiny_requests[:2], random.Random(0))
+    irrelevant, owner, swapped = method._irrelevant(tiny_requests[:2], random.Random(0))
     assert owner.tolist() == [0, 1, 0, 0, 0, 1, 1, 1]  # the pool sentence of each request, then its swaps
+    assert [f"{prompt} {tiny_requests[i].target_new}" for prompt, i in zip(swapped, owner[2:].tolist())] == [
+        text for text, _ in irrelevant[2:]
+    ], "the swapped prompts alone are the swaps' irrelevant rows without the target"
     for (text, _), i in zip(irrelevant[2:], owner[2:].tolist(), strict=True):
         head, tail = tiny_requests[i].prompt.split("{}")
         assert text.startswith(head) and text.endswith(f"{tail} {tiny_requests[i].target_new}")
@@ -326,14 +330,55 @@ def test_subject_swaps_are_the_edit_prompt_around_other_words_owned_by_their_edi
     assert len({text for text, _ in irrelevant[2:5]}) == 3
 
 
+def last_token_log_probs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """``(N, V)`` next-token log-probabilities at the end of each prompt."""
+    rows = encode_rows(tokenizer, prompts)
+    with torch.no_grad():
+        out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+    return out[torch.arange(len(prompts)), rows.last_prompt_pos].float().log_softmax(-1)
+
+
+def test_swap_kl_keeps_the_unedited_output_on_subject_swapped_prompts(tiny_llama, bind, char_tokenizer, tiny_requests):
+    request = tiny_requests[0]
+    drift, kept_prompts = {}, []
+    for weight in (5.0, 0.0):
+        model = copy.deepcopy(tiny_llama)  # each method hooks its own router into the model
+        method = bind(small_wise(subject_swaps=3, swap_kl=weight, steps=60, lr=1.0, stop_loss=0.0), model)
+        drawn = []
+        draw = method._irrelevant
+        method._irrelevant = lambda requests, rng: drawn.append(draw(requests, rng)) or drawn[-1]
+        plan = method.prepare([request])
+        assert plan.kept == (3 if weight else 0) and len(plan.rows) == plan.edit_rows + plan.kept
+        kept_prompts = kept_prompts or drawn[0][2]  # the first run's swapped prompts, scored in both runs
+        method.apply([request], plan)
+        with method.router.disabled():
+            unedited = last_token_log_probs(model, char_tokenizer, kept_prompts)
+            with method.training_pass(model, method.memory.working):  # the memory answers, routed or not
+                edited = last_token_log_probs(model, char_tokenizer, kept_prompts)
+                nll = score_targets(model, char_tokenizer, [request.text], [request.target_new]).nll
+        before = score_targets(tiny_llama, char_tokenizer, [request.text], [request.target_new]).nll
+        assert nll < before - 0.5, "the edit is learned with and without the term"
+        drift[weight] = torch.nn.functional.kl_div(edited, unedited, reduction="batchmean", log_target=True).item()
+        if weight:
+            assert method.step_log()["train/wise_swap_kl"] >= 0
+        else:
+            assert "train/wise_swap_kl" not in method.step_log()
+    assert drift[5.0] < 0.5 * drift[0.0], f"KL to the unedited outputs: {drift}"
+
+
+def test_swap_kl_needs_subject_swaps():
+    with pytest.raises(ValueError, match="swap_kl: .*subject_swaps"):
+        small_wise(swap_kl=1.0)
+
+
 def test_irrelevant_per_edit_draws_distinct_sentences_owned_by_their_edit(tiny_llama, bind, tiny_requests):
     method = bind(small_wise(irrelevant_per_edit=3), tiny_llama)
-    irrelevant, owner = method._irrelevant(tiny_requests[:2], random.Random(0))
+    irrelevant, owner, _ = method._irrelevant(tiny_requests[:2], random.Random(0))
     assert owner.tolist() == [0, 0, 0, 1, 1, 1]
     assert all(len({text for text, _ in irrelevant[i : i + 3]}) == 3 for i in (0, 3))
     assert {text for text, _ in irrelevant} <= set(method.pool)
     probes = bind(small_wise(irrelevant_per_edit=3, irrelevant_pool="locality"), tiny_llama)
-    irrelevant, owner = probes._irrelevant(tiny_requests[:2], random.Random(0))
+    irrelevant, owner, _ = probes._irrelevant(tiny_requests[:2], random.Random(0))
     assert owner.tolist() == [0, 0, 1], "as many as the request's locality probes hold"
     assert sorted(text for text, _ in irrelevant[:2]) == ["Ghana is in Madrid", "The capital of France is Paris"]
 
