@@ -260,7 +260,8 @@ class WISE(EditMethod):
             end of each subject-swapped prompt (``KL(unedited || memory)``, batch mean; this project's extension, not
             in the paper; needs ``subject_swaps``). Where routing cannot tell an edit's neighbourhood from the edit
             (the same template around another subject), the memory itself must then answer the template by its
-            subject, as a locate-then-edit update keyed on the subject does. 0: the paper's training.
+            subject, as a locate-then-edit update keyed on the subject does. 0: the paper's training. Measured on
+            the built-in set (T = 30): no better than the swaps alone (docs/wise.md, session 19).
         rehearse: per step, this many earlier edits that the task vector being trained holds (the current shard's,
             and the merged memory's under ``merge_style: continue``; bare prompt and target, drawn at random) join the
             step's cross entropy (this project's extension, not in the paper, against the forgetting
