@@ -576,7 +576,7 @@ class WISE(EditMethod):
         if plan.kept:
             with torch.no_grad(), self.router.disabled():  # the unedited distribution the memory must keep
                 final = self._upper_blocks(runner, hidden[kept], full_mask[kept])
-                kept_reference = log_softmax_at(runner, final[torch.arange(plan.kept), kept_end])
+                kept_reference = log_softmax_at(runner, final[kept - trained, kept_end])
         swap_value = 0.0
         with self.training_pass(runner, tau):
             for step in range(self.steps):
